@@ -1,0 +1,49 @@
+"""The `sscxr` command line: one subcommand per job, each parse -> config -> build -> run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from sscxr import __version__
+from sscxr.cli import data_cmds, demo, train_cmds
+from sscxr.errors import SSCXRError
+
+log = logging.getLogger("sscxr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="sscxr",
+        description="Self-supervised (GMML) representation learning on chest X-rays.",
+    )
+    parser.add_argument("--version", action="version", version=f"sscxr {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data_cmds.register(sub)
+    train_cmds.register(sub)
+    demo.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `sscxr` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except SSCXRError as e:
+        # Errors we raise on purpose carry a message a user can act on: no traceback needed.
+        print(f"sscxr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sscxr {args.command}: interrupted; finished work is kept (re-run to resume).", file=sys.stderr)
+        return 130

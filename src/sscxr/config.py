@@ -1,0 +1,183 @@
+"""Run configurations: typed dataclasses, then YAML, then dotted command-line overrides.
+
+Merge order follows dinov2: the dataclass defaults, then each YAML file given with ``-c``, then
+``a.b=value`` overrides. Unknown keys are rejected with the nearest valid key suggested (a typo in a
+config must never be silently ignored). The resolved config is saved in the run folder and inside each
+checkpoint, so every result can be traced back to exactly what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sscxr.data.corruption import CorruptionConfig
+from sscxr.data.transforms import AugmentConfig
+from sscxr.engine.config import OptimConfig, TrainConfig
+from sscxr.errors import ConfigError
+from sscxr.models.vit import ViTConfig
+
+T = TypeVar("T")
+
+#: Folder of the built-in configs (`-c tiny` finds `configs/tiny.yaml`).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Which prepared cache to train on, and how to read it."""
+
+    cache: str = ""  # folder written by `sscxr prepare`
+    train_split: str = "train"
+    val_split: str = "val"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class GMMLConfig:
+    """GMML-specific settings (`../shared/GMML.md`)."""
+
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    recon_blocks: list[int] | None = None  # 1-based; None = (6, 8, 10, 12) for depth 12, evenly spaced else
+    decoder_hidden: int = 2048
+    decoder_bottleneck: int = 256
+    # Only images from these splits are used for pre-training (GMML needs no labels, but images of
+    # the test sets must never be seen, or the test results would be optimistic).
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    n_vis: int = 8  # images in the per-epoch reconstruction grid
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `sscxr pretrain` needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ViTConfig = field(default_factory=ViTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gmml: GMMLConfig = field(default_factory=GMMLConfig)
+
+
+def _dataclass_keys(cls: type, prefix: str = "") -> set[str]:
+    """All dotted keys a (nested) dataclass accepts, e.g. {"train.epochs", "model.depth", ...}."""
+    keys: set[str] = set()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.add(key)
+        ftype = f.type if isinstance(f.type, type) else None
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if ftype is None and default is not None and dataclasses.is_dataclass(default):
+            ftype = type(default)
+        if ftype is not None and dataclasses.is_dataclass(ftype):
+            keys |= _dataclass_keys(ftype, key + ".")
+    return keys
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.append(key)
+            out += _flatten(v, key + ".")
+        else:
+            out.append(key)
+    return out
+
+
+def _check_keys(given: Mapping[str, Any], cls: type, origin: str) -> None:
+    """Raise ConfigError for the first unknown key, suggesting the nearest valid one."""
+    valid = _dataclass_keys(cls)
+    for key in _flatten(given):
+        if key not in valid:
+            near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"{origin}: unknown config key '{key}'.{hint}")
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config given by path, or by name among the built-in ones (`tiny`, `pretrain/gmml_vit_s16`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    builtin = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    raise ConfigError(f"config '{name}' not found: not a file, nor a built-in config ({', '.join(builtin)}).")
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.epochs=10).")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def _writable(node: Any) -> Any:
+    """Clear the read-only flag OmegaConf puts on frozen dataclasses, so layers can be merged in."""
+    OmegaConf.set_readonly(node, None)
+    if isinstance(node, DictConfig):
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                _writable(child)
+    return node
+
+
+def load_config(cls: type[T], paths: Sequence[str] = (), overrides: Sequence[str] = ()) -> T:
+    """Build a config of type `cls` from defaults, YAML files and dotted overrides.
+
+    Args:
+        cls: the run-config dataclass (e.g. `PretrainConfig`).
+        paths: YAML files (or built-in names) merged in order.
+        overrides: `a.b=value` strings; values are parsed as YAML (`1e-4`, `[6, 8]`, `true`).
+
+    Returns:
+        An instance of `cls` with types checked by OmegaConf.
+    """
+    merged = _writable(OmegaConf.structured(cls))
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for p in paths:
+        path = resolve_config_path(p)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e}).") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...).")
+        layers.append((str(path), data))
+    layers.append(("command line", _parse_overrides(overrides)))
+    for origin, data in layers:
+        _check_keys(data, cls, origin)
+        try:
+            merged = OmegaConf.merge(merged, data)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{origin}: {e}".split("\n")[0]) from e
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-safe dict of a config (tuples become lists)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def config_to_yaml(cfg: Any) -> str:
+    """The config as YAML text, as saved in run folders."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,177 @@
+"""Process-group setup from torchrun's environment, and the few collectives the engine needs.
+
+Everything works unchanged in a single process without any environment variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from sscxr.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+_CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job; passed explicitly (no global state)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = _CPU
+    backend: str | None = None
+    is_main: bool = True
+
+
+def _is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return default if value is None else int(value)
+    except ValueError as err:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from err
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    """'auto' -> this process's CUDA device if CUDA is available, else CPU; 'cuda' -> cuda:local_rank."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return torch.device("cuda", local_rank)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+    return resolved
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group described by torchrun's RANK / LOCAL_RANK / WORLD_SIZE, if any.
+
+    Args:
+        device: "auto", "cpu", "cuda" or an explicit "cuda:N".
+
+    Returns:
+        A DistInfo; with WORLD_SIZE unset or 1 no process group is created.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend: str | None = None
+    if world > 1:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if not _is_initialized():
+            # Binding the CUDA device up front lets nccl collectives (and barrier) know their device.
+            device_id = dev if dev.type == "cuda" else None
+            tdist.init_process_group(
+                backend=backend, init_method="env://", world_size=world, rank=rank, device_id=device_id
+            )
+        log.info("process group: backend %s, world size %d", backend, world)
+    return DistInfo(rank, world, local_rank, dev, backend, rank == 0)
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op when there is none)."""
+    if _is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if _is_initialized():
+        tdist.barrier()
+
+
+def _collective_device() -> torch.device:
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean of scalar tensors over all ranks, in one collective (identity in a single process).
+
+    Every rank must pass the same keys. Returns detached float32 scalars on the collective's device.
+    """
+    if not values:
+        return {}
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    if _is_initialized() and tdist.get_world_size() > 1:
+        stacked = stacked.to(_collective_device())
+        tdist.all_reduce(stacked, op=tdist.ReduceOp.SUM)
+        stacked /= tdist.get_world_size()
+    return dict(zip(keys, stacked.unbind(0), strict=True))
+
+
+def all_true(flag: torch.Tensor) -> bool:
+    """True when `flag` (a bool scalar tensor) is true on every rank: one host sync."""
+    value = flag.detach().reshape(()).to(torch.int32)
+    if _is_initialized() and tdist.get_world_size() > 1:
+        value = value.to(_collective_device())
+        tdist.all_reduce(value, op=tdist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank (`[obj]` in a single process)."""
+    if not (_is_initialized() and tdist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for `train.amp` on `device` (None = full precision)."""
+    if mode == "off":
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("train.amp=bf16 but this GPU has no bfloat16 support: use train.amp=fp16")
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_native_bf16() -> bool:
+    # Without AVX512-bf16 / AMX, bf16 on CPU is emulated and slower than float32.
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast context for `dtype` on `device` (disabled when `dtype` is None)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move every tensor of a batch to `device` (non-blocking: loaders pin memory on CUDA)."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"a batch must be a dict of tensors, got {type(batch).__name__}")
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }

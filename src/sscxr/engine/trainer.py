@@ -1,0 +1,433 @@
+"""The one training loop: every task (GMML pre-training, classification, segmentation) runs through `fit`.
+
+A Task supplies the loss and the metrics; this module supplies the rest: sharded data order, AdamW with
+per-iteration lr / weight-decay schedules, mixed precision, gradient accumulation, DDP, a finite-loss
+guard, validation, best-model selection, early stopping and exact resume from `checkpoints/last.pt`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from sscxr.engine.checkpoint import (
+    copy_checkpoint,
+    find_resume_checkpoint,
+    gather_rng_state,
+    plain_config,
+    resolve_resume,
+    resume_training,
+    save_checkpoint,
+)
+from sscxr.engine.config import OptimConfig, TrainConfig
+from sscxr.engine.distributed import DistInfo, all_true, autocast, barrier, resolve_amp, to_device
+from sscxr.engine.logging import MetricsLogger, StepMeter
+from sscxr.engine.sampler import ShardedSampler, build_eval_loader, build_loader
+from sscxr.engine.schedule import build_optimizer, build_schedules, resolve_lr, set_optim_values
+from sscxr.errors import ConfigError, DataError, SSCXRError
+from sscxr.tasks.base import Task
+from sscxr.utils import atomic_write_text, derive_seed
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_NONFINITE = 5
+Collate = Callable[[list[Any]], Any]
+_AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class NonFiniteLossError(SSCXRError):
+    """Training produced non-finite losses or gradients several steps in a row."""
+
+
+@dataclass
+class TrainState:
+    """Progress of a run; saved in every checkpoint.
+
+    Attributes:
+        epoch: current epoch (0-based; after an epoch ends it points at the next one).
+        step: optimiser steps done (skipped non-finite steps count: they consumed their data).
+        sample_in_epoch: samples of this rank's shard already consumed in `epoch`.
+        best_metric: best value of `train.best_metric` so far.
+        best_step: step at which it was reached.
+        bad_epochs: validations since the last improvement (early stopping).
+        nonfinite_steps: skipped updates in total.
+        world_size: processes that wrote the state (to translate `sample_in_epoch` on resume).
+    """
+
+    epoch: int = 0
+    step: int = 0
+    sample_in_epoch: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_epochs: int = 0
+    nonfinite_steps: int = 0
+    world_size: int = 1
+
+
+@dataclass
+class FitResult:
+    """What `fit` returns."""
+
+    state: TrainState
+    run_dir: Path
+    best_metric: float | None
+    last_checkpoint: Path | None
+
+
+def fit(
+    task: Task,
+    train_set: Dataset[Any],
+    val_set: Dataset[Any] | None,
+    train_cfg: TrainConfig,
+    optim_cfg: OptimConfig,
+    run_dir: str | os.PathLike[str],
+    dist: DistInfo | None,
+    config_dict: Mapping[str, Any] | None,
+    collate_fn: Collate | None = None,
+    resume: str | os.PathLike[str] | bool = "auto",
+) -> FitResult:
+    """Train `task` on `train_set`, validating on `val_set`; the only training loop of sscxr.
+
+    Args:
+        task: the Task to train (moved to `dist.device`).
+        train_set: map-style dataset of dicts of tensors; `set_epoch(epoch)` is called if it has one.
+        val_set: validation dataset or None (no validation, no best.pt).
+        train_cfg: loop settings.
+        optim_cfg: optimiser settings.
+        run_dir: run folder: `config.yaml`, `metrics.jsonl`, `checkpoints/{last,best}.pt`, task artefacts.
+        dist: from `init_distributed()`; None = single process on the CPU.
+        config_dict: the resolved run config (plain dict), saved as `config.yaml` and in checkpoints;
+            None saves the train and optim settings.
+        collate_fn: DataLoader collate function (default: torch's).
+        resume: "auto" (resume from `run_dir/checkpoints/last.pt` when it exists), True (it must exist),
+            a checkpoint path, or False (start fresh).
+
+    Returns:
+        FitResult with the final TrainState, the run folder, the best metric and `last.pt`'s path.
+    """
+    dist = dist if dist is not None else DistInfo()
+    run_dir = Path(run_dir)
+    if config_dict is None:
+        config_dict = {"train": train_cfg, "optim": optim_cfg}
+    config = plain_config(config_dict)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    loop = _Loop(task, train_set, val_set, train_cfg, optim_cfg, run_dir, dist, config, collate_fn)
+    loop.restore(resolve_resume(run_dir, resume))
+    return loop.run()
+
+
+@torch.no_grad()
+def evaluate(
+    task: Task,
+    dataset: Dataset[Any],
+    dist: DistInfo,
+    *,
+    batch_size: int,
+    amp_dtype: torch.dtype | None = None,
+    workers: int = 0,
+    pin_memory: bool = False,
+    collate_fn: Collate | None = None,
+) -> dict[str, float]:
+    """Run `task.validation_step` over this rank's unpadded shard and return `task.compute_metrics()`.
+
+    Every rank must call it (the task gathers its accumulators across ranks in `compute_metrics`).
+    `validation_step` itself must not run collectives: with uneven shards ranks see different batch counts.
+    """
+    kw = {"workers": workers, "pin_memory": pin_memory, "collate_fn": collate_fn}
+    loader = build_eval_loader(dataset, dist.world_size, dist.rank, batch_size, **kw)
+    was_training = task.training
+    task.eval()
+    task.reset_metrics()
+    with autocast(dist.device, amp_dtype):
+        for batch in loader:
+            task.validation_step(to_device(batch, dist.device))
+    metrics = task.compute_metrics()
+    task.train(was_training)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def update_best(state: TrainState, metrics: Mapping[str, float], name: str | None, mode: str) -> bool:
+    """Update `state`'s best metric and early-stopping count from one validation; True if improved."""
+    if name is None or not metrics:
+        return False
+    if name not in metrics:
+        raise ConfigError(
+            f"train.best_metric={name!r} is not a validation metric of this task; "
+            f"choose one of {sorted(metrics)}"
+        )
+    value = float(metrics[name])
+    best = state.best_metric
+    better = math.isfinite(value) and (best is None or (value > best if mode == "max" else value < best))
+    if better:
+        state.best_metric, state.best_step, state.bad_epochs = value, state.step, 0
+    else:
+        state.bad_epochs += 1
+    return better
+
+
+class _Loop:
+    """State and steps of one `fit` call (a class only to avoid passing a dozen arguments around)."""
+
+    def __init__(
+        self,
+        task: Task,
+        train_set: Dataset[Any],
+        val_set: Dataset[Any] | None,
+        tcfg: TrainConfig,
+        ocfg: OptimConfig,
+        run_dir: Path,
+        dist: DistInfo,
+        config: dict[str, Any],
+        collate_fn: Collate | None,
+    ) -> None:
+        self.task, self.train_set, self.val_set, self.tcfg = task.to(dist.device), train_set, val_set, tcfg
+        self.run_dir, self.dist, self.config = run_dir, dist, config
+        self.loader_kw: dict[str, Any] = {
+            "workers": tcfg.workers,
+            "pin_memory": dist.device.type == "cuda",
+            "collate_fn": collate_fn,
+        }
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.sampler = ShardedSampler(len(train_set), dist.world_size, dist.rank, tcfg.seed)  # type: ignore[arg-type]
+        self.per_step = tcfg.batch_size * tcfg.accum_steps  # samples per rank per optimiser step
+        self.steps_per_epoch = self.sampler.shard_size() // self.per_step
+        self.global_batch = self.per_step * dist.world_size
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the training set has {self.sampler.n} samples, fewer than one global batch of "
+                f"{self.global_batch}: lower train.batch_size or train.accum_steps"
+            )
+        lr = resolve_lr(ocfg, self.global_batch)
+        self.lr_at, self.wd_at = build_schedules(ocfg, lr, self.steps_per_epoch, tcfg.epochs)
+        self.optimizer, self.wd_mults = build_optimizer(self.task, ocfg, lr, dist.device)
+        self.clip = ocfg.clip_grad
+        self.amp_dtype = resolve_amp(tcfg.amp, dist.device)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
+        self._wrap_model()
+        self.state = TrainState(world_size=dist.world_size)
+        self.metrics = MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=tcfg.tensorboard)
+        self.meter = StepMeter()
+        self._bad_run = 0
+        how = "optim.lr" if ocfg.lr is not None else f"blr {ocfg.blr:g} x {self.global_batch} / 256"
+        log.info(
+            f"global batch {self.global_batch} ({tcfg.batch_size} per process x {tcfg.accum_steps} "
+            f"accumulation x {dist.world_size} processes); peak lr {lr:.4g} ({how}); "
+            f"{self.steps_per_epoch} steps per epoch x {tcfg.epochs} epochs; amp {_AMP_NAMES[self.amp_dtype]}"
+        )
+        if tcfg.best_metric and val_set is None:
+            log.warning(
+                "train.best_metric=%s is set but there is no validation set: no best.pt", tcfg.best_metric
+            )
+
+    def _wrap_model(self) -> None:
+        # DDP wraps the task itself (Task.forward = training_step); validation uses the bare task.
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
+        self.model: nn.Module = self.task
+        if self.dist.world_size > 1:
+            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
+            self.model = self.ddp
+        if self.tcfg.compile:
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
+
+    def restore(self, path: Path | None) -> None:
+        """Load model, optimiser, scaler, progress and RNG from a checkpoint (no-op for None)."""
+        if path is None:
+            return
+        saved = resume_training(
+            path,
+            self.task,
+            self.optimizer,
+            self.scaler,
+            self.dist.rank,
+            self.dist.world_size,
+            self.global_batch,
+        )
+        known = {f.name for f in dataclasses.fields(TrainState)}
+        self.state = TrainState(**{k: v for k, v in saved.items() if k in known})
+        log.info("resumed from %s: epoch %d, step %d", path, self.state.epoch, self.state.step)
+
+    def run(self) -> FitResult:
+        """Train until the epochs, `max_steps` or early stopping end the run; export on rank 0."""
+        self.task.train()
+        try:
+            stop = self._should_stop()
+            while not stop:
+                if self._train_epoch():
+                    stop = self._end_epoch()
+                else:  # cut by max_steps mid-epoch: keep where we are for a later resume
+                    self._save()
+                    stop = True
+                stop = stop or self._should_stop()
+        finally:
+            self.metrics.close()
+        if self.dist.is_main:
+            self.task.export(self.run_dir)
+        barrier()
+        return FitResult(
+            self.state, self.run_dir, self.state.best_metric, find_resume_checkpoint(self.run_dir)
+        )
+
+    def _should_stop(self) -> bool:
+        s, t = self.state, self.tcfg
+        early = t.early_stop_patience is not None and s.bad_epochs >= t.early_stop_patience
+        return s.epoch >= t.epochs or (t.max_steps is not None and s.step >= t.max_steps) or early
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        s, t = self.state, self.tcfg
+        # Before the iterator exists: loader workers get a copy of the dataset when it is created.
+        if callable(getattr(self.train_set, "set_epoch", None)):
+            self.train_set.set_epoch(s.epoch)  # type: ignore[attr-defined]
+        self.sampler.set_epoch(s.epoch)
+        self.sampler.set_start(s.sample_in_epoch)
+        seed = derive_seed(t.seed, s.epoch, self.dist.rank, s.sample_in_epoch)
+        loader = build_loader(
+            self.train_set, self.sampler, t.batch_size, seed=seed, drop_last=True, **self.loader_kw
+        )
+        return iter(loader)
+
+    def _train_epoch(self) -> bool:
+        """Run the rest of the current epoch; True when it ran to its end."""
+        s, t = self.state, self.tcfg
+        batches = self._epoch_batches()
+        done = s.sample_in_epoch // self.per_step
+        show = self.dist.is_main and t.progress
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=done, desc=f"epoch {s.epoch}", leave=False, disable=not show
+        )
+        self.meter.restart_clock()
+        try:
+            for i in range(done, self.steps_per_epoch):
+                self._optimizer_step(batches)
+                bar.update(1)
+                if s.step % t.log_every == 0:
+                    bar.set_postfix(self._log_train(), refresh=False)
+                if t.max_steps is not None and s.step >= t.max_steps:
+                    return i + 1 == self.steps_per_epoch
+                # No mid-epoch save during a non-finite streak: last.pt keeps the last healthy state.
+                healthy = self._bad_run == 0
+                if (
+                    t.checkpoint_every
+                    and s.step % t.checkpoint_every == 0
+                    and i + 1 < self.steps_per_epoch
+                    and healthy
+                ):
+                    self._save()
+        finally:
+            bar.close()
+        return True
+
+    def _optimizer_step(self, batches: Iterator[Any]) -> None:
+        """Accumulate `accum_steps` micro-batches, then one AdamW update unless the loss is non-finite."""
+        s, accum = self.state, self.tcfg.accum_steps
+        i = min(s.step, len(self.lr_at) - 1)
+        set_optim_values(self.optimizer, float(self.lr_at[i]), float(self.wd_at[i]), self.wd_mults)
+        logs: dict[str, torch.Tensor] = {}
+        for k in range(accum):
+            batch = to_device(next(batches), self.dist.device)
+            # DDP all-reduces gradients once, in the backward of the last micro-batch.
+            last = k == accum - 1
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with sync:
+                with autocast(self.dist.device, self.amp_dtype):
+                    out = self.model(batch)
+                self.scaler.scale(out.loss / accum).backward()
+            for name, value in {"loss": out.loss, **out.logs}.items():
+                value = value.detach().float() / accum
+                logs[name] = logs[name] + value if name in logs else value
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.clip or math.inf)
+        finite = torch.isfinite(logs["loss"])
+        if not self.scaler.is_enabled():  # with fp16 the scaler itself skips steps with inf gradients
+            finite = finite & torch.isfinite(logs["grad_norm"])
+        # One host sync per step: every rank must agree on skipping before the optimiser runs.
+        self._apply_update(all_true(finite), logs)
+
+    def _apply_update(self, ok: bool, logs: dict[str, torch.Tensor]) -> None:
+        s = self.state
+        if ok:
+            self.scaler.step(self.optimizer)
+            self._bad_run = 0
+        else:
+            self._bad_run += 1
+            s.nonfinite_steps += 1
+            log.warning(
+                "step %d: non-finite loss or gradient, update skipped (%d in a row)", s.step, self._bad_run
+            )
+        self.scaler.update()  # also after a skip: it resets the scaler's per-step bookkeeping
+        self.optimizer.zero_grad(set_to_none=True)
+        self.meter.add(logs if ok else None)
+        s.step += 1
+        s.sample_in_epoch += self.per_step
+        if self._bad_run >= MAX_CONSECUTIVE_NONFINITE:
+            raise NonFiniteLossError(
+                f"{self._bad_run} optimiser steps in a row had a non-finite loss or gradient (last: step "
+                f"{s.step - 1}); training stopped. {self.ckpt_dir / 'last.pt'} holds the last good state: "
+                "lower optim.blr, set optim.clip_grad or train.amp=off, check the data, then resume"
+            )
+
+    def _log_train(self) -> dict[str, str]:
+        """Write the train record of the last `log_every` steps; returns the progress-bar fields."""
+        s = self.state
+        i = min(s.step - 1, len(self.lr_at) - 1)  # the values the last update used
+        values = {
+            "lr": float(self.lr_at[i]),
+            "wd": float(self.wd_at[i]),
+            **self.meter.summary(self.global_batch),
+        }
+        self.metrics.log("train", {f"train/{k}": v for k, v in values.items()}, s.step, s.epoch)
+        loss = values.get("loss", math.nan)
+        return {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.2e}", "img/s": f"{values['img_per_s']:.0f}"}
+
+    def _end_epoch(self) -> bool:
+        """Validate, pick best.pt, call `on_epoch_end`, save last.pt; True when early stopping fires."""
+        s, t = self.state, self.tcfg
+        metrics: dict[str, float] = {}
+        if self.val_set is not None and ((s.epoch + 1) % t.val_every == 0 or s.epoch + 1 == t.epochs):
+            raw = evaluate(
+                self.task,
+                self.val_set,
+                self.dist,
+                batch_size=t.batch_size,
+                amp_dtype=self.amp_dtype,
+                **self.loader_kw,
+            )
+            metrics = {f"val/{k}": v for k, v in raw.items()}
+            self.metrics.log("val", metrics, s.step, s.epoch)
+            log.info("epoch %d: %s", s.epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        improved = update_best(s, metrics, t.best_metric, t.best_mode)
+        if self.dist.is_main:
+            self.task.on_epoch_end(self.run_dir, s.epoch)
+        s.epoch += 1
+        s.sample_in_epoch = 0
+        last = self._save()
+        if improved and self.dist.is_main:
+            copy_checkpoint(last, self.ckpt_dir / "best.pt")
+            log.info("new best %s = %.4g at step %d", t.best_metric, s.best_metric, s.step)
+        stop = t.early_stop_patience is not None and s.bad_epochs >= t.early_stop_patience
+        if stop:
+            log.info("early stopping: %s did not improve for %d validations", t.best_metric, s.bad_epochs)
+        return stop
+
+    def _save(self) -> Path:
+        """Write `last.pt` on rank 0 (every rank takes part: the RNG states are gathered)."""
+        rng = gather_rng_state(self.dist.world_size)
+        path = self.ckpt_dir / "last.pt"
+        if self.dist.is_main:
+            save_checkpoint(path, self.task, self.optimizer, self.scaler, self.state, self.config, rng)
+        return path

@@ -1,0 +1,145 @@
+"""The Task interface: what a model must provide to be trained by the one engine (`sscxr.engine.fit`).
+
+Pre-training (GMML), classification and segmentation differ only in their Task. The engine owns the
+loop, the optimiser, mixed precision, checkpoints and distribution; a Task owns the loss, the
+validation metrics and the task-specific artefacts (pictures, exported weights).
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+# Parameters that are not weights of a linear map: decaying them towards zero only hurts (the usual
+# ViT recipe: no weight decay on biases, norms, position embeddings and special tokens).
+NO_DECAY_NAMES: frozenset[str] = frozenset(
+    {"pos_embed", "cls_token", "reg_token", "dist_token", "mask_token"}
+)
+# Names that belong to the input end of a ViT: layer-wise lr decay gives them the smallest lr.
+EMBED_NAMES: frozenset[str] = NO_DECAY_NAMES | {"patch_embed"}
+_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+@dataclass
+class StepOutput:
+    """What `Task.training_step` returns.
+
+    Attributes:
+        loss: scalar tensor to back-propagate (mean over this process's micro-batch).
+        logs: detached scalar tensors to log (e.g. {"loss": ..., "mask_frac": ...}); the engine averages
+            them over steps and ranks and calls `.item()` only at log time.
+    """
+
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over all processes (identity in a single process). Not differentiable: pass detached tensors.
+
+    Args:
+        t: a tensor of any shape, on any device; with the nccl backend a CPU tensor makes a round trip
+            through the current CUDA device, because nccl only reduces CUDA tensors.
+
+    Returns:
+        A new tensor on `t`'s device with the element-wise sum over ranks.
+    """
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return t
+    work = t.detach().clone()
+    if tdist.get_backend() == "nccl" and not work.is_cuda:
+        work = work.cuda()
+    tdist.all_reduce(work, op=tdist.ReduceOp.SUM)
+    return work.to(t.device)
+
+
+class Task(nn.Module, abc.ABC):
+    """A trainable model plus its loss, metrics and artefacts.
+
+    `forward(batch)` calls `training_step` so that DistributedDataParallel can wrap the task itself.
+    Only `training_step` is required; the other hooks have harmless defaults.
+    """
+
+    def forward(self, batch: Batch) -> StepOutput:  # type: ignore[override]
+        """Alias of `training_step` (DDP calls `forward`)."""
+        return self.training_step(batch)
+
+    @abc.abstractmethod
+    def training_step(self, batch: Batch) -> StepOutput:
+        """Compute the loss of one micro-batch (already on the device, inside autocast)."""
+
+    def validation_step(self, batch: Batch) -> None:
+        """Update the validation accumulators with one batch (called under `torch.no_grad`)."""
+        return None
+
+    def compute_metrics(self) -> dict[str, float]:
+        """Metrics over everything seen since `reset_metrics`, gathered over all ranks.
+
+        Every rank calls this (it may run collectives, e.g. `reduce_sum`); the engine adds the
+        `val/` prefix to the names.
+        """
+        return {}
+
+    def reset_metrics(self) -> None:
+        """Clear the validation accumulators (called before each validation pass)."""
+        return None
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimiser parameter groups: `weight_decay` on weight matrices, none on biases, norms and tokens.
+
+        Every group gets `lr_scale` and `wd_scale` (1.0) that the engine multiplies into the scheduled
+        lr and weight decay, so layer-wise lr decay can split groups and change their scales.
+
+        Args:
+            weight_decay: the weight decay of the decaying group.
+
+        Returns:
+            A list of dicts with keys `params`, `weight_decay`, `lr_scale`, `wd_scale` (empty groups dropped).
+        """
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            (no_decay if p.ndim <= 1 or leaf in NO_DECAY_NAMES else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0, "wd_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "wd_scale": 1.0},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def layer_id(self, name: str) -> int | None:
+        """Depth of a parameter for layer-wise lr decay: 0 = embeddings, i + 1 = `blocks.i`, None = top.
+
+        Override when a task's parameter names do not follow timm's ViT layout.
+        """
+        match = _BLOCK_RE.search(name)
+        if match:
+            return int(match.group(1)) + 1
+        if any(part in EMBED_NAMES for part in name.split(".")):
+            return 0
+        return None
+
+    def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
+        """Rank 0 only, after each epoch's validation: write pictures or other diagnostics."""
+        return None
+
+    def export(self, run_dir: Path) -> None:
+        """Rank 0 only, after training: write the task's deliverable (e.g. the encoder weights)."""
+        return None
+
+    def batch_size_of(self, batch: Batch) -> int:
+        """Number of samples in `batch` (length of its first tensor); used for throughput."""
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                return int(value.shape[0])
+        return 0

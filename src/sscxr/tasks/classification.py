@@ -1,0 +1,478 @@
+"""Classification fine-tuning as a Task for the one training engine (paper section 3.2).
+
+The engine trains, validates on the validation split after each epoch and keeps `best.pt` by
+`train.best_metric` (default `val/auc_roc`); at the end `export` writes the best weights (or the last
+ones when there was no validation) as `model.safetensors` + `model.json` (`models/classifier.py`).
+Only the splits named `data.train_split` and `data.val_split` are ever read, and neither may be a test
+split: test sets are for `sscxr evaluate`, after the model is frozen.
+
+Class balance is offered as loss weights, not as a balanced sampler: the engine owns the sampler (one
+sharded, resumable order for every task), and inverse-frequency weights give the same expected
+gradient without a second sampling code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sscxr.config import DataConfig
+from sscxr.data.cache import ImageCache
+from sscxr.data.datasets import CachedDataset
+from sscxr.engine.checkpoint import load_checkpoint
+from sscxr.engine.config import OptimConfig, TrainConfig
+from sscxr.errors import CheckpointError, ConfigError
+from sscxr.metrics.accumulator import ClassificationAccumulator
+from sscxr.metrics.classification import MetricValue
+from sscxr.models.classifier import ViTClassifier, export_classifier
+from sscxr.models.loading import Normalization, load_encoder_weights
+from sscxr.models.vit import ViTConfig, build_vit
+from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
+from sscxr.tasks.labels import (
+    LabelTask,
+    check_classes_present,
+    count_excluded,
+    labelled_subset,
+    resolve_task,
+)
+from sscxr.utils import derive_seed
+
+__all__ = [
+    "ClassSpec",
+    "ClassificationTask",
+    "ClassifyConfig",
+    "FinetuneConfig",
+    "build_finetuning",
+    "class_weights",
+    "init_encoder",
+    "label_task_of",
+    "resolve_init_path",
+    "select_rows",
+]
+
+log = logging.getLogger(__name__)
+
+
+def class_weights(counts: list[int]) -> torch.Tensor:
+    """Inverse-frequency loss weights `N / (C * n_c)` (1 for every class when balanced).
+
+    Args:
+        counts: training images per class (all > 0).
+
+    Returns:
+        (C,) float32.
+    """
+    if not counts or min(counts) <= 0:
+        raise ConfigError(f"class_balance=loss_weights needs images of every class in training, got {counts}")
+    n = torch.tensor(counts, dtype=torch.float64)
+    return (n.sum() / (len(counts) * n)).float()
+
+
+@dataclass
+class _ValLoss:
+    total: float = 0.0
+    count: float = 0.0
+
+
+class ClassificationTask(Task):
+    """Cross-entropy fine-tuning of a `ViTClassifier`; validation metrics from the metrics package.
+
+    Args:
+        model: the classifier (its `forward` takes [0, 1] images and standardises them).
+        vit_cfg: the encoder's architecture (written into `model.json`).
+        label_task: the class <-> label mapping.
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        weights: (C,) class weights of the loss, or None.
+        export_info: provenance merged into `model.json` (data, init report, command, ...).
+
+    Batches: "image" (B, 1, H, W) in [0, 1], "label" (B,) long, "index" (B,) long (cache row).
+    """
+
+    def __init__(
+        self,
+        model: ViTClassifier,
+        vit_cfg: ViTConfig,
+        label_task: LabelTask,
+        label_smoothing: float = 0.0,
+        weights: torch.Tensor | None = None,
+        export_info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if tuple(model.class_names) != label_task.class_names:
+            raise ValueError(f"model classes {model.class_names} != task classes {label_task.class_names}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if weights is not None and weights.shape != (model.num_classes,):
+            raise ValueError(f"weights must have shape ({model.num_classes},), got {tuple(weights.shape)}")
+        self.model, self.vit_cfg, self.label_task = model, vit_cfg, label_task
+        self.label_smoothing = float(label_smoothing)
+        # Not persistent: the weights are derived from the data, and checkpoints stay model-only.
+        self.register_buffer("class_weight", weights, persistent=False)
+        self.export_info = dict(export_info or {})
+        threshold = model.thresholds.get("default") if model.num_classes == 2 else None
+        self.accumulator = ClassificationAccumulator(model.class_names, threshold)
+        self._val = _ValLoss()
+
+    def training_step(self, batch: Batch) -> StepOutput:
+        logits = self.model(batch["image"])
+        target = batch["label"]
+        loss = F.cross_entropy(
+            logits.float(), target, weight=self.class_weight, label_smoothing=self.label_smoothing
+        )
+        acc = (logits.detach().argmax(dim=-1) == target).float().mean()
+        return StepOutput(loss=loss, logs={"loss": loss.detach(), "acc": acc})
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch) -> None:
+        logits = self.model(batch["image"]).float()
+        target = batch["label"]
+        # Plain cross-entropy (no smoothing, no weights): comparable across runs and settings.
+        self._val.total += float(F.cross_entropy(logits, target, reduction="sum"))
+        self._val.count += float(target.numel())
+        self.accumulator.update(batch["index"], target, logits.softmax(dim=-1))
+
+    def compute_metrics(self) -> dict[str, float]:
+        """auc_roc (binary: the positive class; else macro one-vs-rest), auc_pr, accuracy,
+        balanced_accuracy, loss, sensitivity / specificity (binary) or per-class sensitivity and AUC.
+
+        Undefined metrics are left out, with the reason logged. Collective: every rank calls it.
+        """
+        res = self.accumulator.compute()
+        loss = reduce_sum(torch.tensor([self._val.total, self._val.count], dtype=torch.float64))
+        values: dict[str, MetricValue] = {
+            "auc_roc": res.macro_auc_roc,
+            "auc_pr": res.macro_auc_pr,
+            "accuracy": res.accuracy,
+            "balanced_accuracy": res.balanced_accuracy,
+        }
+        if len(res.rows) == 2:
+            values |= {"sensitivity": res.rows[1].sensitivity, "specificity": res.rows[1].specificity}
+        else:
+            for row in res.rows:
+                values |= {f"{row.name}/sensitivity": row.sensitivity, f"{row.name}/auc_roc": row.auc_roc}
+        out = {k: float(v.value) for k, v in values.items() if v.value is not None}
+        for k, v in values.items():
+            if v.value is None:
+                log.warning("validation metric %s is undefined: %s", k, v.reason)
+        if loss[1] > 0:
+            out["loss"] = float(loss[0] / loss[1])
+        return out
+
+    def reset_metrics(self) -> None:
+        self.accumulator.reset()
+        self._val = _ValLoss()
+
+    def _restore_best(self, run_dir: Path) -> dict[str, Any]:
+        """Load `best.pt`'s weights (chosen on validation) if there is one; describe what is exported."""
+        best = run_dir / "checkpoints" / "best.pt"
+        if not best.is_file():
+            log.warning("no %s (no validation set or no train.best_metric): exporting the last weights", best)
+            return {"weights": "last", "reason": "no best.pt"}
+        ckpt = load_checkpoint(best)
+        self.load_state_dict(ckpt["model"])
+        state, train_cfg = ckpt["state"], ckpt["config"].get("train", {})
+        return {
+            "weights": "best",
+            "selected_by": train_cfg.get("best_metric"),
+            "mode": train_cfg.get("best_mode"),
+            "value": state.get("best_metric"),
+            "step": state.get("best_step"),
+            "epoch": int(state.get("epoch", 0)) - 1,
+            "split": self.export_info.get("splits", {}).get("val"),
+        }
+
+    def export(self, run_dir: Path) -> None:
+        """Write `run_dir/model.safetensors` + `model.json` from the best validation checkpoint."""
+        run_dir = Path(run_dir)
+        chosen = self._restore_best(run_dir)
+        info = {
+            "task": self.label_task.name,
+            "classes": self.label_task.to_dict(),
+            "label_map": self.label_task.label_map,
+            **self.export_info,
+            "checkpoint": chosen,
+        }
+        weights, meta = export_classifier(self.model, self.vit_cfg, run_dir / "model", info)
+        log.info("classifier exported: %s (+ %s), %s weights", weights, meta.name, chosen["weights"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run configuration and building from a prepared cache
+# ----------------------------------------------------------------------------------------------------
+
+INIT_MODES = ("scratch", "sscxr", "timm", "auto")
+BALANCE_MODES = ("none", "loss_weights")
+
+
+@dataclass
+class ClassSpec:
+    """One class of a user-defined task: its name and the manifest labels it gathers."""
+
+    name: str = ""
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ClassifyConfig:
+    """What to fine-tune for and from what (`classify:` section of `sscxr finetune`).
+
+    Attributes:
+        task: a task of `sscxr.tasks.labels.TASKS`, or a name for `classes`.
+        classes: user-defined classes, in output order (for 2, the second is the positive class);
+            overrides the named task's mapping.
+        init: "scratch", "sscxr" (a GMML export or pre-training run folder / checkpoint), "timm" (an
+            external timm / DeiT file, e.g. ImageNet weights) or "auto" (scratch without `init_path`,
+            else whatever the file is).
+        init_path: the weights to start the encoder from.
+        drop_rate: dropout on the class token's features before the head.
+        label_smoothing: cross-entropy label smoothing.
+        class_balance: "none" or "loss_weights" (inverse class frequency of the training images).
+        labelled_fraction: share of each class's training patients to use (a small labelled subset).
+        max_labelled_per_class: cap on training images per class (whole patients), or None.
+        subset_seed: seed of the labelled-subset choice.
+        threshold: binary decision threshold on P(positive class) stored with the model.
+    """
+
+    task: str = "covid_vs_noncovid"
+    classes: list[ClassSpec] | None = None
+    init: str = "scratch"
+    init_path: str | None = None
+    drop_rate: float = 0.0
+    label_smoothing: float = 0.0
+    class_balance: str = "none"
+    labelled_fraction: float = 1.0
+    max_labelled_per_class: int | None = None
+    subset_seed: int = 0
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.init not in INIT_MODES:
+            raise ConfigError(f"classify.init must be one of {INIT_MODES}, got {self.init!r}")
+        if self.init in ("sscxr", "timm") and not self.init_path:
+            raise ConfigError(f"classify.init={self.init} needs classify.init_path (a file or run folder)")
+        if self.init == "scratch" and self.init_path:
+            raise ConfigError("classify.init=scratch ignores classify.init_path: drop it, or use init=auto")
+        if self.class_balance not in BALANCE_MODES:
+            raise ConfigError(
+                f"classify.class_balance must be one of {BALANCE_MODES}, got {self.class_balance!r}"
+            )
+        if not 0.0 <= self.drop_rate < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("classify.drop_rate and classify.label_smoothing must be in [0, 1)")
+        if not 0.0 < self.labelled_fraction <= 1.0:
+            raise ConfigError(f"classify.labelled_fraction must be in (0, 1], got {self.labelled_fraction}")
+        if self.max_labelled_per_class is not None and self.max_labelled_per_class < 1:
+            raise ConfigError("classify.max_labelled_per_class must be >= 1 or null")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"classify.threshold must be in [0, 1], got {self.threshold}")
+
+
+def _paper_optim() -> OptimConfig:
+    # Paper section 4.2: AdamW, lr 5e-4, weight decay 0.05 (constant); DeiT's 5 warm-up epochs, no clipping.
+    return OptimConfig(
+        lr=5e-4, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05, weight_decay_end=None, clip_grad=None
+    )
+
+
+def _paper_train() -> TrainConfig:
+    return TrainConfig(epochs=100, batch_size=64, best_metric="val/auc_roc", best_mode="max")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `sscxr finetune` needs (defaults: the paper's settings)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ViTConfig = field(default_factory=ViTConfig)
+    optim: OptimConfig = field(default_factory=_paper_optim)
+    train: TrainConfig = field(default_factory=_paper_train)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+
+
+def label_task_of(cfg: ClassifyConfig) -> LabelTask:
+    """The `LabelTask` a classify config asks for."""
+    classes = [(c.name, list(c.labels)) for c in cfg.classes] if cfg.classes else None
+    return resolve_task(cfg.task, classes)
+
+
+def _split_rows(
+    cache: ImageCache, split: str, task: LabelTask, role: str
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Decoded rows of `split` whose label the task uses, and the per-label counts left out."""
+    idx = cache.indices(split=split)
+    labels = [cache.rows[i].label for i in idx]
+    excluded = count_excluded(labels, task.label_map)
+    if excluded:
+        log.info(
+            "%s split %r: left out %d of %d images whose label task %r does not use: %s",
+            role, split, sum(excluded.values()), len(idx), task.name, excluded,
+        )  # fmt: skip
+    keep = np.array([lab in task.label_map for lab in labels], dtype=bool)
+    return idx[keep] if idx.size else idx, excluded
+
+
+def _class_counts(cache: ImageCache, idx: np.ndarray, task: LabelTask) -> list[int]:
+    classes = [task.label_map[cache.rows[i].label] for i in idx]
+    return np.bincount(np.asarray(classes, dtype=np.int64), minlength=len(task.class_names)).tolist()
+
+
+def select_rows(
+    cache: ImageCache, data: DataConfig, ccfg: ClassifyConfig, task: LabelTask
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Training and validation rows of the cache for a task; test splits are refused, never read.
+
+    Returns:
+        (train rows, val rows, info for `model.json`: splits, excluded counts per label, images per
+        class, and the labelled subset drawn).
+    """
+    for role, split in (("train", data.train_split), ("val", data.val_split)):
+        if split.lower().startswith("test"):
+            raise ConfigError(
+                f"data.{role}_split={split!r}: fine-tuning never reads a test split (the best checkpoint "
+                "is chosen on validation); evaluate test sets afterwards with `sscxr evaluate`"
+            )
+    if data.train_split == data.val_split:
+        raise ConfigError(f"data.train_split and data.val_split are both {data.train_split!r}")
+    train, ex_train = _split_rows(cache, data.train_split, task, "train")
+    val, ex_val = _split_rows(cache, data.val_split, task, "val")
+    info: dict[str, Any] = {
+        "splits": {"train": data.train_split, "val": data.val_split},
+        "excluded": {"train": ex_train, "val": ex_val},
+    }
+    if ccfg.labelled_fraction < 1.0 or ccfg.max_labelled_per_class is not None:
+        pids = [cache.rows[i].patient_id for i in train]
+        classes = [task.label_map[cache.rows[i].label] for i in train]
+        pos = labelled_subset(
+            pids, classes, ccfg.labelled_fraction, ccfg.max_labelled_per_class, ccfg.subset_seed
+        )
+        info["labelled_subset"] = {
+            "fraction": ccfg.labelled_fraction, "max_per_class": ccfg.max_labelled_per_class,
+            "seed": ccfg.subset_seed, "images": int(pos.size), "of_images": int(train.size),
+            "patients": len({pids[p] for p in pos}), "of_patients": len(set(pids)),
+        }  # fmt: skip
+        log.info("labelled subset: %s", info["labelled_subset"])
+        train = train[pos]
+    names = task.class_names
+    check_classes_present(np.repeat(np.arange(len(names)), _class_counts(cache, train, task)), names,
+                          f"{cache.root}: the {data.train_split!r} split")  # fmt: skip
+    if val.size:
+        check_classes_present(np.repeat(np.arange(len(names)), _class_counts(cache, val, task)), names,
+                              f"{cache.root}: the {data.val_split!r} split")  # fmt: skip
+    info["n_images"] = {
+        role: dict(zip(names, _class_counts(cache, idx, task), strict=True))
+        for role, idx in (("train", train), ("val", val))
+    }
+    return train, val, info
+
+
+def resolve_init_path(path: str) -> Path:
+    """The weight file behind `classify.init_path`: a file, or a pre-training run folder's export."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    if (p / "encoder.safetensors").is_file():
+        return p / "encoder.safetensors"
+    if (p / "checkpoints" / "last.pt").is_file():
+        log.warning("%s has no encoder.safetensors (unfinished pre-training?): using checkpoints/last.pt", p)
+        return p / "checkpoints" / "last.pt"
+    raise CheckpointError(
+        f"{p}: neither encoder.safetensors (written when `sscxr pretrain` ends) nor checkpoints/last.pt; "
+        "give the pre-training run folder or a weight file"
+    )
+
+
+def init_encoder(model: ViTClassifier, ccfg: ClassifyConfig, cache_norm: Normalization) -> dict[str, Any]:
+    """Start the classifier's encoder as `ccfg.init` says and set its normalisation.
+
+    sscxr exports bring their own normalisation (the statistics GMML trained with); everything else
+    (scratch, timm / ImageNet weights, sscxr training checkpoints) uses the cache's own statistics
+    (`../shared/GMML.md`: never ImageNet statistics on grey X-rays).
+
+    Returns:
+        What was done, for `model.json`: mode, path, source, the LoadReport's exact missing /
+        unexpected keys and adaptations, and where the normalisation came from.
+    """
+    if ccfg.init == "scratch" or (ccfg.init == "auto" and not ccfg.init_path):
+        model.set_normalization(cache_norm)
+        return {"mode": "scratch", "normalization_from": "cache"}
+    path = resolve_init_path(str(ccfg.init_path))
+    report = load_encoder_weights(model.encoder, path)
+    ours = report.source in ("sscxr-export", "sscxr-checkpoint")
+    if (ccfg.init == "sscxr" and not ours) or (ccfg.init == "timm" and ours):
+        raise CheckpointError(
+            f"{path}: classify.init={ccfg.init} but the file is a {report.source} file; "
+            f"use classify.init={'sscxr' if ours else 'timm'} (or auto)"
+        )
+    norm, norm_from = cache_norm, "cache"
+    if report.normalization is not None:
+        norm, norm_from = report.normalization, "export"
+    model.set_normalization(norm)
+    log.info(
+        "encoder initialised from %s (%s): missing keys %s; unexpected keys %s; adapted: %s; "
+        "normalisation from the %s (mean %.4g, std %.4g)",
+        path, report.source, report.missing, report.unexpected, report.adapted or "nothing",
+        norm_from, norm.mean, norm.std,
+    )  # fmt: skip
+    return {
+        "mode": "sscxr" if ours else "timm",
+        "path": str(path),
+        "source": report.source,
+        "missing": report.missing,
+        "unexpected": report.unexpected,
+        "adapted": report.adapted,
+        "normalization_from": norm_from,
+        "pretraining": report.meta.get("extra", {}),
+    }
+
+
+def build_finetuning(
+    cfg: FinetuneConfig, seed: int, command: str | None = None
+) -> tuple[ClassificationTask, CachedDataset, CachedDataset | None]:
+    """Build the classification task and its train / val datasets from a prepared cache.
+
+    Args:
+        cfg: the resolved fine-tuning config.
+        seed: base seed of the per-sample augmentation and of the head's initialisation.
+        command: the command line, recorded in `model.json`.
+
+    Returns:
+        (task, train_set, val_set); val_set is None when the validation split has no usable image.
+    """
+    cache = ImageCache.open(cfg.data.cache)
+    if cache.size != cfg.model.img_size:
+        raise ConfigError(
+            f"the cache {cfg.data.cache} holds {cache.size} px images but model.img_size is "
+            f"{cfg.model.img_size}: set model.img_size={cache.size} or prepare a cache with --size "
+            f"{cfg.model.img_size}."
+        )
+    task_map = label_task_of(cfg.classify)
+    train_idx, val_idx, data_info = select_rows(cache, cfg.data, cfg.classify, task_map)
+    binary = len(task_map.class_names) == 2
+    model = ViTClassifier(
+        build_vit(cfg.model), task_map.class_names, cfg.classify.drop_rate,
+        thresholds={"default": cfg.classify.threshold} if binary else {}, seed=derive_seed(seed, 1),
+    )  # fmt: skip
+    init_info = init_encoder(model, cfg.classify, Normalization(*cache.stats))
+    label_map = task_map.label_map
+    train_set = CachedDataset(cache, train_idx, label_map, augment=cfg.data.augment, seed=seed)
+    val_set = CachedDataset(cache, val_idx, label_map, augment=None, seed=seed) if val_idx.size else None
+    if val_set is None:
+        log.warning("the %r split has no image for this task: no validation, no best.pt", cfg.data.val_split)
+    counts = list(data_info["n_images"]["train"].values())
+    weights = class_weights(counts) if cfg.classify.class_balance == "loss_weights" else None
+    info = {
+        "cache": str(cfg.data.cache),
+        "manifest_hash": cache.manifest_hash,
+        **data_info,
+        "init": init_info,
+        "class_weights": None if weights is None else weights.tolist(),
+        "seed": seed,
+        "command": command,
+    }
+    task = ClassificationTask(model, cfg.model, task_map, cfg.classify.label_smoothing, weights, info)
+    return task, train_set, val_set

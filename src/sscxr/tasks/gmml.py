@@ -1,0 +1,169 @@
+"""GMML pre-training as a Task for the one training engine.
+
+The corruption happens in the data pipeline (`GMMLDataset`), per sample and seeded by
+(seed, epoch, index): each sample's corruption is then independent of which rank or batch it lands in,
+so N processes compute exactly what one process computes with the same global batch, and a resumed run
+continues bit for bit. The task only runs the model and the masked L1 loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+from sscxr.data.cache import ImageCache
+from sscxr.data.datasets import GMMLDataset
+from sscxr.errors import ConfigError, DataError
+from sscxr.models.gmml import GMMLModel, default_recon_blocks, masked_l1_loss
+from sscxr.models.loading import Normalization, export_encoder
+from sscxr.models.vit import ViTConfig, build_vit
+from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
+from sscxr.viz.recon import reconstruction_grid
+
+if TYPE_CHECKING:
+    from sscxr.config import PretrainConfig
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class GMMLTask(Task):
+    """Group-masked model learning: reconstruct the corrupted pixels of an X-ray.
+
+    Args:
+        model: the encoder + light decoder.
+        vit_cfg: the encoder's architecture (written next to the exported weights).
+        normalization: the intensity standardisation the model was trained with.
+        vis_batch: a fixed batch (`image`, `corrupted`, `mask`: (N, 1, H, W)) drawn each epoch.
+        extra_export: metadata stored with the exported encoder (data manifest hash, ...).
+    """
+
+    def __init__(
+        self,
+        model: GMMLModel,
+        vit_cfg: ViTConfig,
+        normalization: Normalization,
+        vis_batch: Batch | None = None,
+        extra_export: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.vit_cfg = vit_cfg
+        self.normalization = normalization
+        self.vis_batch = vis_batch
+        self.extra_export = extra_export or {}
+        self._val_sum = 0.0
+        self._val_count = 0.0
+
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = self.model(batch["corrupted"])
+        mask = batch["mask"].to(pred.dtype)
+        # Normalise by the global masked-pixel count (over all ranks) divided by the world size: DDP's
+        # gradient averaging then yields exactly the single-process gradient of the global batch.
+        count = reduce_sum(mask.sum().detach().float())
+        loss = masked_l1_loss(pred.float(), batch["image"].float(), mask, denominator=count / _world_size())
+        return loss, pred
+
+    def training_step(self, batch: Batch) -> StepOutput:
+        loss, _ = self._loss(batch)
+        return StepOutput(loss=loss, logs={"loss": loss.detach(), "mask_frac": batch["mask"].float().mean()})
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch) -> None:
+        pred = self.model(batch["corrupted"]).float()
+        mask = batch["mask"].float()
+        self._val_sum += float(((pred - batch["image"].float()).abs() * mask).sum())
+        self._val_count += float(mask.sum())
+
+    def compute_metrics(self) -> dict[str, float]:
+        t = reduce_sum(torch.tensor([self._val_sum, self._val_count], dtype=torch.float64))
+        return {"recon_l1": float(t[0] / t[1])} if t[1] > 0 else {}
+
+    def reset_metrics(self) -> None:
+        self._val_sum = 0.0
+        self._val_count = 0.0
+
+    @torch.no_grad()
+    def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
+        if self.vis_batch is None:
+            return
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        vis = {k: v.to(device) for k, v in self.vis_batch.items()}
+        recon = self.model(vis["corrupted"]).float()
+        self.train(was_training)
+        as_np = {k: v[:, 0].float().cpu().numpy() for k, v in vis.items()}
+        reconstruction_grid(
+            as_np["image"],
+            as_np["corrupted"],
+            recon[:, 0].cpu().numpy(),
+            as_np["mask"] > 0.5,
+            Path(run_dir) / "recon" / f"epoch_{epoch + 1:03d}.png",
+            title=f"GMML reconstruction, epoch {epoch + 1}",
+        )
+
+    def export(self, run_dir: Path) -> None:
+        extra = {"pretraining": "gmml", **self.extra_export}
+        export_encoder(self.model.encoder, self.vit_cfg, self.normalization, Path(run_dir) / "encoder", extra)
+
+    def describe(self) -> dict[str, Any]:
+        """What is exported alongside the encoder (for logs)."""
+        return {"vit": asdict(self.vit_cfg), "normalization": asdict(self.normalization)}
+
+
+def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDataset, GMMLDataset | None]:
+    """Build the GMML task and its train/val datasets from a prepared cache.
+
+    Args:
+        cfg: the resolved pre-training config.
+        seed: base seed of the per-sample randomness (augmentation, corruption, donors).
+
+    Returns:
+        (task, train_set, val_set); val_set is None when the cache has no images in `data.val_split`.
+    """
+    cache = ImageCache.open(cfg.data.cache)
+    if cache.size != cfg.model.img_size:
+        raise ConfigError(
+            f"the cache {cfg.data.cache} holds {cache.size} px images but model.img_size is "
+            f"{cfg.model.img_size}: set model.img_size={cache.size} or prepare a cache with --size "
+            f"{cfg.model.img_size}."
+        )
+    mean, std = cache.stats
+    norm = Normalization(mean=float(mean), std=float(std))
+    train_splits = [s for s in cfg.gmml.splits if s != cfg.data.val_split]
+    train_idx = np.concatenate([cache.indices(split=s) for s in train_splits])
+    if len(train_idx) == 0:
+        raise DataError(f"no usable images in splits {train_splits} of the cache {cfg.data.cache}.")
+    val_idx = cache.indices(split=cfg.data.val_split) if cfg.data.val_split in cfg.gmml.splits else []
+
+    def dataset(indices: np.ndarray, augment: bool) -> GMMLDataset:
+        return GMMLDataset(
+            cache,
+            np.sort(indices),
+            corruption_cfg=cfg.gmml.corruption,
+            patch_size=cfg.model.patch_size,
+            augment=cfg.data.augment if augment else None,
+            seed=seed,
+            normalize=(norm.mean, norm.std),
+        )
+
+    train_set = dataset(train_idx, augment=True)
+    val_set = dataset(np.asarray(val_idx), augment=False) if len(val_idx) else None
+    vis_source = val_set if val_set is not None else dataset(train_idx, augment=False)
+    vis_batch = default_collate([vis_source[k] for k in range(min(cfg.gmml.n_vis, len(vis_source)))])
+    vis_batch = {k: v for k, v in vis_batch.items() if k in ("image", "corrupted", "mask")}
+
+    encoder = build_vit(cfg.model)
+    blocks = cfg.gmml.recon_blocks or list(default_recon_blocks(cfg.model.depth))
+    model = GMMLModel(encoder, recon_blocks=blocks, hidden=cfg.gmml.decoder_hidden,
+                      bottleneck=cfg.gmml.decoder_bottleneck)
+    extra = {"cache": str(cfg.data.cache), "manifest_hash": cache.manifest_hash}
+    return GMMLTask(model, cfg.model, norm, vis_batch, extra), train_set, val_set

@@ -1,0 +1,308 @@
+"""Lung segmentation as a Task for the one training engine: UNETR on the (pre-trained) ViT, Dice + CE.
+
+The encoder starts from scratch, from an sscxr GMML export / checkpoint (SS-CXR) or from an external
+timm-layout file (e.g. SS-IN), through the same `load_encoder_weights` as the classifier, so the key
+report is identical. The data pipeline applies one geometric transform to an image and its mask
+(`CachedDataset(with_mask=True)`); the task runs the model, MONAI's `DiceCELoss` and, in validation,
+per-image Dice / IoU (both empty = 1, as the metrics module's policy). The model exported at the end
+is the best validation checkpoint (`train.best_metric`, default `val/dice`) when there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from torch.utils.data import default_collate
+
+from sscxr.config import DataConfig
+from sscxr.data.cache import ImageCache
+from sscxr.data.datasets import CachedDataset
+from sscxr.engine.checkpoint import load_checkpoint
+from sscxr.engine.config import OptimConfig, TrainConfig
+from sscxr.errors import ConfigError, DataError
+from sscxr.models.loading import LoadReport, Normalization, load_encoder_weights
+from sscxr.models.unetr import UNETR, SegmenterSpec, build_unetr, export_segmenter, lung_probability
+from sscxr.models.vit import ViTConfig
+from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
+from sscxr.viz.overlay import OverlayCase, overlay_figure
+
+log = logging.getLogger(__name__)
+
+INIT_MODES = ("scratch", "sscxr", "timm")
+
+
+@dataclass
+class SegTaskConfig:
+    """Segmentation-specific settings.
+
+    Attributes:
+        init: encoder start: "scratch", "sscxr" (GMML export / checkpoint: SS-CXR) or "timm" (an
+            external timm / DeiT-layout file, e.g. ImageNet GMML: SS-IN).
+        init_path: weight file, or a run folder (`encoder.safetensors`, else `checkpoints/best.pt`,
+            else `checkpoints/last.pt`); required unless init is "scratch".
+        out_channels: 2 (background / lung, softmax) or 1 (sigmoid).
+        feature_size: decoder width at full resolution (MONAI's UNETR default 16).
+        skip_blocks: 1-based ViT blocks read by the decoder; None = evenly spaced ((3, 6, 9, 12) at
+            depth 12 with 16-pixel patches).
+        norm_name: decoder normalisation (MONAI name).
+        lambda_dice, lambda_ce: weights of the two loss terms.
+        threshold: lung probability threshold for validation and export.
+        n_vis: validation images drawn as overlays after each epoch (0 = none).
+    """
+
+    init: str = "scratch"
+    init_path: str = ""
+    out_channels: int = 2
+    feature_size: int = 16
+    skip_blocks: list[int] | None = None
+    norm_name: str = "instance"
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
+    threshold: float = 0.5
+    n_vis: int = 4
+
+
+def _seg_train_defaults() -> TrainConfig:
+    return TrainConfig(epochs=400, best_metric="val/dice", best_mode="max")
+
+
+def _seg_optim_defaults() -> OptimConfig:
+    # Paper, sec. 4.3 / GMML.md: AdamW, lr 5e-4, weight decay 1e-5 (constant).
+    return OptimConfig(lr=5e-4, weight_decay=1e-5, weight_decay_end=None, warmup_epochs=10)
+
+
+@dataclass
+class SegmentConfig:
+    """Everything `sscxr segment train` needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ViTConfig = field(default_factory=ViTConfig)
+    optim: OptimConfig = field(default_factory=_seg_optim_defaults)
+    train: TrainConfig = field(default_factory=_seg_train_defaults)
+    seg: SegTaskConfig = field(default_factory=SegTaskConfig)
+
+
+def _dice_iou(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image Dice and IoU of (B, H, W) bool masks; both empty = 1 (the metrics module's policy)."""
+    inter = (pred & gt).flatten(1).sum(1).double()
+    total = pred.flatten(1).sum(1).double() + gt.flatten(1).sum(1).double()
+    union = total - inter
+    empty = total == 0
+    dice = torch.where(empty, torch.ones_like(total), 2 * inter / total.clamp_min(1))
+    iou = torch.where(empty, torch.ones_like(total), inter / union.clamp_min(1))
+    return dice, iou
+
+
+class SegmentationTask(Task):
+    """UNETR lung segmentation.
+
+    Args:
+        model: the UNETR.
+        spec: its export description (architecture, normalisation, fit, threshold).
+        loss_weights: (lambda_dice, lambda_ce).
+        vis_batch: fixed unaugmented samples ("image" standardised (N, 1, H, W), "mask") for overlays.
+        extra_export: provenance stored in `model.json` (init report, cache, manifest hash).
+    """
+
+    def __init__(
+        self,
+        model: UNETR,
+        spec: SegmenterSpec,
+        loss_weights: tuple[float, float] = (1.0, 1.0),
+        vis_batch: Batch | None = None,
+        extra_export: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model, self.spec = model, spec
+        binary = model.out_channels == 1
+        # The loss holds no parameters or buffers: checkpoints keep only `model.*`.
+        self._loss = DiceCELoss(
+            to_onehot_y=not binary,
+            softmax=not binary,
+            sigmoid=binary,
+            lambda_dice=loss_weights[0],
+            lambda_ce=loss_weights[1],
+        )
+        self.vis_batch, self.extra_export = vis_batch, dict(extra_export or {})
+        self.reset_metrics()
+
+    def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Dice + cross-entropy of (B, C, H, W) logits against a (B, 1, H, W) 0/1 mask, in float32."""
+        return self._loss(logits.float(), mask.float())
+
+    def training_step(self, batch: Batch) -> StepOutput:
+        logits = self.model(batch["image"])
+        loss = self.loss(logits, batch["mask"])
+        return StepOutput(loss=loss, logs={"loss": loss.detach()})
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch) -> None:
+        logits = self.model(batch["image"])
+        pred = lung_probability(logits) > self.spec.threshold
+        dice, iou = _dice_iou(pred, batch["mask"][:, 0] > 0.5)
+        n = torch.tensor(float(len(dice)), dtype=torch.float64, device=dice.device)
+        loss = self.loss(logits, batch["mask"]).double() * n
+        self._sums = self._sums + torch.stack([dice.sum(), iou.sum(), loss, n]).cpu()
+
+    def compute_metrics(self) -> dict[str, float]:
+        dice, iou, loss, n = reduce_sum(self._sums).tolist()
+        return {"dice": dice / n, "iou": iou / n, "loss": loss / n} if n > 0 else {}
+
+    def reset_metrics(self) -> None:
+        self._sums = torch.zeros(4, dtype=torch.float64)
+
+    @torch.no_grad()
+    def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
+        if self.vis_batch is None:
+            return
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        prob = lung_probability(self.model(self.vis_batch["image"].to(device))).cpu()
+        self.train(was_training)
+        norm = self.spec.normalization
+        images = (self.vis_batch["image"][:, 0] * norm.std + norm.mean).clamp(0, 1).numpy()
+        gts = self.vis_batch["mask"][:, 0].numpy() > 0.5
+        preds = (prob > self.spec.threshold).numpy()
+        cases = []
+        for img, gt, pr in zip(images, gts, preds, strict=True):
+            dice = float(_dice_iou(torch.from_numpy(pr)[None], torch.from_numpy(gt)[None])[0])
+            cases.append(OverlayCase(img, gt, pr, f"Dice {dice:.3f}"))
+        path = Path(run_dir) / "overlays" / f"epoch_{epoch + 1:03d}.png"
+        overlay_figure([cases], path, title=f"validation, epoch {epoch + 1}")
+
+    def best_state(self, run_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
+        """The UNETR weights to export: `best.pt`'s when it exists, else the current ones."""
+        best = Path(run_dir) / "checkpoints" / "best.pt"
+        if best.is_file():
+            ckpt = load_checkpoint(best)
+            state = {k[len("model.") :]: v for k, v in ckpt["model"].items() if k.startswith("model.")}
+            step = ckpt.get("state", {}).get("best_step")
+            return state, f"checkpoints/best.pt (step {step})"
+        return {k: v.detach() for k, v in self.model.state_dict().items()}, "end of training"
+
+    def export(self, run_dir: Path) -> None:
+        state, source = self.best_state(run_dir)
+        extra = {**self.extra_export, "weights_from": source}
+        export_segmenter(state, self.spec, Path(run_dir) / "model", extra)
+
+
+def resolve_init_path(path: str | Path) -> Path:
+    """A weight file as is; a run folder -> `encoder.safetensors`, else `checkpoints/best.pt`, `last.pt`."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    for cand in (p / "encoder.safetensors", p / "checkpoints" / "best.pt", p / "checkpoints" / "last.pt"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(
+        f"seg.init_path={path}: a folder without encoder.safetensors or checkpoints/{{best,last}}.pt; "
+        "pass a pre-training run folder or a weight file"
+    )
+
+
+def init_encoder(model: UNETR, init: str, init_path: str) -> LoadReport | None:
+    """Fill `model.encoder` as `seg.init` says; returns the load report (None from scratch)."""
+    if init not in INIT_MODES:
+        raise ConfigError(f"seg.init must be one of {INIT_MODES}, got {init!r}")
+    if init == "scratch":
+        if init_path:
+            raise ConfigError(f"seg.init=scratch but seg.init_path={init_path!r}: set seg.init=sscxr or timm")
+        return None
+    if not init_path:
+        raise ConfigError(f"seg.init={init} needs seg.init_path (a weight file or a pre-training run folder)")
+    report = load_encoder_weights(model.encoder, resolve_init_path(init_path))
+    expected = ("sscxr-export", "sscxr-checkpoint") if init == "sscxr" else ("timm",)
+    if report.source not in expected:
+        log.warning("seg.init=%s but %s holds %s weights; loaded anyway", init, report.path, report.source)
+    return report
+
+
+def _mask_indices(cache: ImageCache, split: str) -> np.ndarray:
+    idx = cache.indices(split=split)
+    keep = idx[cache.mask_available[idx]] if cache.has_masks else idx[:0]
+    if keep.size < idx.size:
+        log.info(
+            "split %s: %d of %d images have no mask and are left out", split, idx.size - keep.size, idx.size
+        )
+    return keep
+
+
+def _report_dict(report: LoadReport | None, init: str) -> dict[str, Any]:
+    if report is None:
+        return {"init": init}
+    return {
+        "init": init,
+        "path": report.path,
+        "source": report.source,
+        "missing": report.missing,
+        "unexpected": report.unexpected,
+        "adapted": report.adapted,
+    }
+
+
+def build_segmentation(
+    cfg: SegmentConfig, seed: int
+) -> tuple[SegmentationTask, CachedDataset, CachedDataset | None]:
+    """Build the segmentation task and its train / val datasets from a prepared cache with masks.
+
+    The intensity normalisation is the pre-trained encoder's (from an sscxr export) when there is one,
+    so the encoder sees inputs like those it learnt from; otherwise the cache's own mean and std.
+
+    Returns:
+        (task, train_set, val_set); val_set is None when `data.val_split` has no masked images.
+    """
+    cache = ImageCache.open(cfg.data.cache)
+    if cache.size != cfg.model.img_size:
+        raise ConfigError(
+            f"the cache {cfg.data.cache} holds {cache.size} px images but model.img_size is "
+            f"{cfg.model.img_size}: set model.img_size={cache.size} or prepare a cache with --size "
+            f"{cfg.model.img_size}."
+        )
+    train_idx, val_idx = _mask_indices(cache, cfg.data.train_split), _mask_indices(cache, cfg.data.val_split)
+    if train_idx.size == 0:
+        raise DataError(f"{cache.root}: no images with masks in split {cfg.data.train_split!r}.")
+    s = cfg.seg
+    spec = SegmenterSpec(
+        vit=cfg.model,
+        normalization=Normalization(*cache.stats),
+        out_channels=s.out_channels,
+        feature_size=s.feature_size,
+        blocks=tuple(s.skip_blocks or ()),
+        norm_name=s.norm_name,
+        fit=cache.fit,
+        threshold=s.threshold,
+    )
+    if s.out_channels not in (1, 2):
+        raise ConfigError(f"seg.out_channels must be 1 or 2, got {s.out_channels}")
+    model = build_unetr(spec)
+    report = init_encoder(model, s.init, s.init_path)
+    if report is not None and report.normalization is not None:
+        spec = replace(spec, normalization=report.normalization)
+    spec = replace(spec, blocks=model.blocks)
+    norm = (spec.normalization.mean, spec.normalization.std)
+    train_set = CachedDataset(
+        cache, train_idx, augment=cfg.data.augment, seed=seed, with_mask=True, normalize=norm
+    )
+    val_set = (
+        CachedDataset(cache, val_idx, seed=seed, with_mask=True, normalize=norm) if val_idx.size else None
+    )
+    vis = None
+    if s.n_vis > 0:
+        source = val_set or CachedDataset(cache, train_idx, seed=seed, with_mask=True, normalize=norm)
+        vis = default_collate([source[k] for k in range(min(s.n_vis, len(source)))])
+        vis = {k: v for k, v in vis.items() if k in ("image", "mask")}
+    extra = {
+        "init": _report_dict(report, s.init),
+        "cache": str(cfg.data.cache),
+        "manifest_hash": cache.index.get("manifest_hash"),
+        "train_split": cfg.data.train_split,
+    }
+    task = SegmentationTask(model, spec, (s.lambda_dice, s.lambda_ce), vis, extra)
+    return task, train_set, val_set

@@ -1,0 +1,57 @@
+"""The reconstruction grid people look at to see that GMML pre-training works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def reconstruction_grid(
+    clean: np.ndarray,
+    corrupted: np.ndarray,
+    recon: np.ndarray,
+    mask: np.ndarray,
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Save a grid: one row per image, columns clean / corrupted / reconstruction / mask.
+
+    Args:
+        clean, corrupted, recon: (N, H, W) images in display units (any range; each panel is shown
+            with the clean image's 1st-99th percentile window so the columns are comparable).
+        mask: (N, H, W) bool, True where pixels were corrupted.
+        path: PNG to write (folders are created).
+        title: figure title (e.g. the epoch).
+
+    Returns:
+        The path written.
+    """
+    n = clean.shape[0]
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2.0 * n + 0.4), squeeze=False)
+    names = ("clean", "corrupted", "reconstruction", "mask")
+    for i in range(n):
+        lo, hi = np.percentile(clean[i], [1, 99])
+        hi = hi if hi > lo else lo + 1.0
+        for j, img in enumerate((clean[i], corrupted[i], recon[i], mask[i].astype(np.float32))):
+            ax = axes[i, j]
+            if j == 3:
+                ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(names[j], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

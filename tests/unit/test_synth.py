@@ -1,0 +1,180 @@
+"""The synthetic cohort: determinism, plan (classes, sites, patients, splits), masks and pathology."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sscxr.data.phantom import (
+    LABELS,
+    Pathology,
+    pathology_map,
+    render_anatomy,
+    sample_anatomy,
+    sample_pathology,
+)
+from sscxr.data.synth import (
+    PEDIATRIC_SITE,
+    SynthConfig,
+    generate_cohort,
+    plan_cohort,
+    read_png,
+    render_phantom,
+    site_style,
+)
+from sscxr.errors import ConfigError
+from sscxr.viz.contact_sheet import cohort_contact_sheet
+
+SMALL = SynthConfig(n_adult=20, n_pediatric=6, size=64, seed=3)
+
+
+def _rows(manifest: Path) -> list[dict[str, str]]:
+    with open(manifest, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small cohort written with one worker (in-process)."""
+    return generate_cohort(SMALL, tmp_path_factory.mktemp("one"), workers=1, progress=False)
+
+
+def test_same_seed_and_any_worker_count_give_identical_bytes(cohort: Path, tmp_path: Path) -> None:
+    other = generate_cohort(SMALL, tmp_path, workers=2, progress=False)
+    assert other.read_bytes() == cohort.read_bytes()
+    assert _files(other.parent) == _files(cohort.parent)
+    assert len(_files(cohort.parent)) == 2 * (SMALL.n_adult + SMALL.n_pediatric)
+
+
+def test_different_seed_gives_different_images(cohort: Path, tmp_path: Path) -> None:
+    cfg = SynthConfig(n_adult=20, n_pediatric=6, size=64, seed=4)
+    other = generate_cohort(cfg, tmp_path, workers=1, progress=False)
+    a, b = _files(cohort.parent), _files(other.parent)
+    assert sum(a[k] != b.get(k) for k in a) > len(a) // 2
+
+
+def test_rerun_is_noop_and_other_config_needs_force(tmp_path: Path) -> None:
+    cfg = SynthConfig(n_adult=4, n_pediatric=0, size=48, seed=1)
+    manifest = generate_cohort(cfg, tmp_path, workers=1, progress=False)
+    stamp = manifest.stat().st_mtime_ns
+    assert generate_cohort(cfg, tmp_path, workers=1, progress=False) == manifest
+    assert manifest.stat().st_mtime_ns == stamp
+    changed = SynthConfig(n_adult=4, n_pediatric=0, size=48, seed=2)
+    with pytest.raises(ConfigError, match="--force"):
+        generate_cohort(changed, tmp_path, workers=1, progress=False)
+    generate_cohort(changed, tmp_path, workers=1, progress=False, force=True)
+    assert len(_rows(manifest)) == 4
+
+
+def test_nonempty_foreign_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        generate_cohort(SynthConfig(n_adult=2, n_pediatric=0, size=48), tmp_path, workers=1, progress=False)
+
+
+def test_files_read_back_in_range(cohort: Path) -> None:
+    for row in _rows(cohort):
+        with Image.open(cohort.parent / row["path"]) as im:
+            arr = np.asarray(im)
+            assert arr.dtype == np.uint16 and arr.shape == (SMALL.size, SMALL.size)
+        img = arr / 65535.0
+        assert np.isfinite(img).all() and img.min() >= 0.0 and img.max() <= 1.0 and img.std() > 0.05
+        with Image.open(cohort.parent / row["mask_path"]) as im:
+            mask = np.asarray(im)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        assert 0.08 < (mask > 0).mean() < 0.5
+
+
+def test_manifest_columns_patients_and_splits(cohort: Path) -> None:
+    rows = _rows(cohort)
+    assert list(rows[0]) == ["path", "label", "patient_id", "site", "split", "mask_path", "age_group"]
+    by_patient: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        by_patient[r["patient_id"]].append(r)
+    for imgs in by_patient.values():
+        assert len({(r["label"], r["site"], r["split"], r["age_group"]) for r in imgs}) == 1
+    assert any(len(v) == 2 for v in by_patient.values())
+    for r in rows:
+        if r["age_group"] == "pediatric":
+            assert r["site"] == PEDIATRIC_SITE and r["split"] == "test_pediatric"
+            assert r["label"] in ("healthy", "covid-19")
+        else:
+            held = r["site"] == SMALL.holdout_site
+            assert (r["split"] == "test_site") if held else (r["split"] in ("train", "val", "test"))
+
+
+def test_class_and_site_counts_follow_config() -> None:
+    cfg = SynthConfig(n_adult=120, n_pediatric=30, size=64)
+    jobs = plan_cohort(cfg)
+    adult = [j for j in jobs if not j.pediatric]
+    labels = Counter(j.label for j in adult)
+    for label, frac in zip(LABELS, cfg.class_fractions, strict=True):
+        assert abs(labels[label] - frac * cfg.n_adult) < 1
+    assert Counter(j.site for j in adult) == {s: 30 for s in cfg.sites}
+    assert {(j.site, j.label) for j in adult} == {(s, c) for s in cfg.sites for c in LABELS}
+    child = Counter(j.label for j in jobs if j.pediatric)
+    assert child == {"healthy": 15, "covid-19": 15}
+    patients = {j.patient for j in adult if j.site != cfg.holdout_site}
+    splits = Counter(next(j.split for j in adult if j.patient == p) for p in patients)
+    assert abs(splits["train"] / len(patients) - 0.7) < 0.05
+
+
+def test_no_splits_when_asked() -> None:
+    cfg = SynthConfig(n_adult=12, n_pediatric=2, assign_splits=False)
+    assert {j.split for j in plan_cohort(cfg)} == {""}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_masks_inside_body_and_pathology_inside_masks(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    anatomy = sample_anatomy(rng, pediatric=seed % 3 == 2)
+    maps = render_anatomy(anatomy, 96)
+    lung = maps.lung > 0.5
+    assert lung.any() and np.all(maps.body[lung] > 0.99)
+    for label in LABELS:
+        disease = pathology_map(anatomy, maps, sample_pathology(label, rng, (0.5, 1.0)))
+        assert np.all(disease[~lung] == 0.0)
+        assert (disease.max() > 0.0) == (label != "healthy")
+    covid = pathology_map(anatomy, maps, Pathology("covid-19", 0.8, seed))
+    assert (covid[maps.u < 0].sum() > 0) and (covid[maps.u > 0].sum() > 0)  # bilateral
+
+
+@pytest.mark.parametrize("site", ["site_a", "site_d", PEDIATRIC_SITE, "some_new_site"])
+def test_disease_brightens_the_lungs_of_the_same_anatomy(site: str) -> None:
+    anatomy = sample_anatomy(np.random.default_rng(7), pediatric=site == PEDIATRIC_SITE)
+    style = site_style(site)
+
+    def lung_mean(label: str) -> float:
+        ph = render_phantom(anatomy, Pathology(label, 0.7, 11), style, np.random.default_rng(5), 96)
+        return float(ph.image[ph.lung_mask].mean())
+
+    healthy = lung_mean("healthy")
+    assert lung_mean("pneumonia") > healthy + 0.005
+    assert lung_mean("covid-19") > healthy + 0.002
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="class_fractions"):
+        SynthConfig(class_fractions=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="holdout_site"):
+        SynthConfig(holdout_site="nowhere")
+    with pytest.raises(ValueError, match="unknown"):
+        SynthConfig.from_dict({"n_adults": 3})
+    cfg = SynthConfig.from_dict({"sites": ["x", "y"], "holdout_site": None})
+    assert cfg.sites == ("x", "y") and SynthConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_contact_sheet(cohort: Path, tmp_path: Path) -> None:
+    out = cohort_contact_sheet(cohort, tmp_path / "sheet.png", per_cell=1)
+    with Image.open(out) as im:
+        assert im.size[0] > 300 and im.size[1] > 300
+    assert read_png(cohort.parent / _rows(cohort)[0]["path"]).dtype == np.float32
