@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,30 @@ from sscxr.errors import ConfigError
 from sscxr.models.vit import ViTConfig
 
 T = TypeVar("T")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false are booleans, so `amp: off` stays the string "off"."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+# YAML 1.1 reads "1e-4" (no dot) as a string; accept it as a float, as YAML 1.2 does.
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with 1.2 booleans (see `_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 #: Folder of the built-in configs (`-c tiny` finds `configs/tiny.yaml`).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -121,7 +146,7 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.epochs=10).")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
         node = nested
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -157,7 +182,7 @@ def load_config(cls: type[T], paths: Sequence[str] = (), overrides: Sequence[str
     for p in paths:
         path = resolve_config_path(p)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e}).") from e
         if not isinstance(data, dict):

@@ -24,6 +24,7 @@ from sscxr.data.synth import (
     generate_cohort,
     plan_cohort,
     read_png,
+    render_job,
     render_phantom,
     site_style,
 )
@@ -178,3 +179,13 @@ def test_contact_sheet(cohort: Path, tmp_path: Path) -> None:
     with Image.open(out) as im:
         assert im.size[0] > 300 and im.size[1] > 300
     assert read_png(cohort.parent / _rows(cohort)[0]["path"]).dtype == np.float32
+
+
+def test_follow_up_is_the_same_patient_in_a_slightly_different_pose() -> None:
+    cfg = SynthConfig(n_adult=40, n_pediatric=0, size=64)
+    jobs = plan_cohort(cfg)
+    first = next(j for j in jobs if j.visit == 1)
+    base = next(j for j in jobs if j.patient == first.patient and j.visit == 0)
+    a, b = render_job(cfg, base), render_job(cfg, first)
+    iou = (a.lung_mask & b.lung_mask).sum() / (a.lung_mask | b.lung_mask).sum()
+    assert 0.6 < iou < 1.0

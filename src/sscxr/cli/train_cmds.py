@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sscxr.config import PretrainConfig, config_to_dict, load_config
 from sscxr.engine.distributed import cleanup, init_distributed
 from sscxr.engine.logging import setup_logging
@@ -28,6 +30,15 @@ def add_config_args(p: argparse.ArgumentParser, default_config: str | None) -> N
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
+def seed_process(seed: int, rank: int) -> None:
+    """The one place the global RNGs are seeded: model initialisation, dropout and drop-path draw from them.
+
+    Rank r uses `seed + r` so stochastic layers differ between processes; DDP broadcasts rank 0's
+    initial weights, so every rank (and a single process) starts from the same model.
+    """
+    torch.manual_seed(seed + rank)
+
+
 def resume_arg(value: str) -> str | bool:
     """Map the --resume option onto the engine's `resume` argument."""
     return False if value in ("no", "none", "false") else value
@@ -40,6 +51,7 @@ def run_pretrain(args: argparse.Namespace) -> FitResult:
     cfg = load_config(PretrainConfig, args.config or ["pretrain/gmml_vit_s16"], args.overrides)
     dist = init_distributed(args.device)
     setup_logging(dist.rank, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    seed_process(cfg.train.seed, dist.rank)
     try:
         task, train_set, val_set = build_pretraining(cfg, seed=cfg.train.seed)
         log.info("pre-training on %d images (%d for validation)", len(train_set), len(val_set or []))

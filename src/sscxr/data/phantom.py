@@ -394,12 +394,15 @@ def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     return ((fine - fine.mean()) / (fine.std() + 1e-8)).astype(np.float32)
 
 
-def sample_pathology(label: str, rng: np.random.Generator, severity: tuple[float, float]) -> Pathology:
-    """Draw the disease of one image: its severity in the configured range and a geometry seed."""
+def sample_pathology(
+    label: str, rng: np.random.Generator, severity: tuple[float, float], seed: int | None = None
+) -> Pathology:
+    """Draw the disease of one image: its severity in the configured range and a geometry seed (pass
+    `seed` to keep a lesion's place across a patient's images while its severity changes)."""
     if label not in LABELS:
         raise ValueError(f"label must be one of {LABELS}, got {label!r}")
     sev = 0.0 if label == "healthy" else float(rng.uniform(*severity))
-    return Pathology(label=label, severity=sev, seed=int(rng.integers(0, 2**31)))
+    return Pathology(label=label, severity=sev, seed=int(rng.integers(0, 2**31)) if seed is None else seed)
 
 
 def _pick(rng: np.random.Generator, maps: AnatomyMaps, weights: np.ndarray) -> tuple[float, float]:
@@ -411,7 +414,7 @@ def _pick(rng: np.random.Generator, maps: AnatomyMaps, weights: np.ndarray) -> t
 
 def _pneumonia(a: Anatomy, maps: AnatomyMaps, rng: np.random.Generator, sev: float) -> np.ndarray:
     """Lobar consolidation: one dense, irregular region in one lung, mostly lower zone, with a sharp
-    fissure border in upper-zone cases and sometimes air bronchograms (dark branching airways)."""
+    horizontal-fissure border in most right-upper-zone cases and sometimes air bronchograms."""
     side = 0 if rng.random() < 0.6 else 1
     zone = int(rng.choice(3, p=[0.15, 0.25, 0.6]))
     lung = maps.lungs[side] > 0.5
@@ -426,7 +429,7 @@ def _pneumonia(a: Anatomy, maps: AnatomyMaps, rng: np.random.Generator, sev: flo
         ab = (ra * rng.uniform(0.5, 0.9), rb * rng.uniform(0.5, 0.9))
         field = np.maximum(field, 1.0 - _ellipse(maps.u, maps.v, c, ab, rng.uniform(-40, 40)))
     region = _sstep(field + 0.3 * smooth_noise(rng, size, 10), 0.6)
-    if zone == 0 and rng.random() < 0.6:
+    if zone == 0 and side == 0 and rng.random() < 0.7:  # only the right lung has a horizontal fissure
         region = region * _sstep(vc + 0.6 * rb - maps.v, maps.eps)
     dens = (0.3 + 0.35 * sev) * rng.uniform(0.85, 1.15)
     out = dens * region * (0.8 + 0.2 * smooth_noise(rng, size, 24))

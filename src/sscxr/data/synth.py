@@ -6,7 +6,8 @@ collimation, burned-in markers), plans the cohort (sites, classes, patients, fol
 writes it in parallel.
 
 Determinism: the plan is a pure function of the config; image i uses `derive_seed(seed, 2, i)` and its
-patient p `derive_seed(seed, 1, p)`, so every file is the same whatever the worker count or order.
+patient p `derive_seed(seed, 1, p)` (anatomy) and `derive_seed(seed, 3, p)` (lesion geometry), so
+every file is the same whatever the worker count or order.
 
 Output layout (paths in the manifest are relative to its folder):
     images/<patient>_<visit>.png   16-bit grey, value / 65535 = [0, 1] intensity, bright = dense
@@ -413,13 +414,14 @@ def plan_cohort(cfg: SynthConfig) -> list[ImageJob]:
 
 
 def render_job(cfg: SynthConfig, job: ImageJob) -> Phantom:
-    """Render one planned image: the patient's anatomy (re-posed for a follow-up), the image's disease
-    and acquisition."""
+    """Render one planned image: the patient's anatomy (re-posed for a follow-up) and lesion, the
+    image's severity and acquisition."""
     anatomy = sample_anatomy(np.random.default_rng(derive_seed(cfg.seed, 1, job.patient)), job.pediatric)
     rng = np.random.default_rng(derive_seed(cfg.seed, 2, job.index))
     if job.visit > 0:
         anatomy = repose(anatomy, rng)
-    pathology = sample_pathology(job.label, rng, cfg.severity)
+    # the lesion's geometry is the patient's, so a follow-up shows the same lesion at another severity
+    pathology = sample_pathology(job.label, rng, cfg.severity, seed=derive_seed(cfg.seed, 3, job.patient))
     return render_phantom(anatomy, pathology, site_style(job.site), rng, cfg.size)
 
 

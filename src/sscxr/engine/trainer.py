@@ -223,15 +223,20 @@ class _Loop:
         self.metrics = MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=tcfg.tensorboard)
         self.meter = StepMeter()
         self._bad_run = 0
+        self._announce(lr, ocfg)
+
+    def _announce(self, lr: float, ocfg: OptimConfig) -> None:
+        # The derived values are logged, never written back into the config.
+        t = self.tcfg
         how = "optim.lr" if ocfg.lr is not None else f"blr {ocfg.blr:g} x {self.global_batch} / 256"
         log.info(
-            f"global batch {self.global_batch} ({tcfg.batch_size} per process x {tcfg.accum_steps} "
-            f"accumulation x {dist.world_size} processes); peak lr {lr:.4g} ({how}); "
-            f"{self.steps_per_epoch} steps per epoch x {tcfg.epochs} epochs; amp {_AMP_NAMES[self.amp_dtype]}"
+            f"global batch {self.global_batch} ({t.batch_size} per process x {t.accum_steps} "
+            f"accumulation x {self.dist.world_size} processes); peak lr {lr:.4g} ({how}); "
+            f"{self.steps_per_epoch} steps per epoch x {t.epochs} epochs; amp {_AMP_NAMES[self.amp_dtype]}"
         )
-        if tcfg.best_metric and val_set is None:
+        if t.best_metric and self.val_set is None:
             log.warning(
-                "train.best_metric=%s is set but there is no validation set: no best.pt", tcfg.best_metric
+                "train.best_metric=%s is set but there is no validation set: no best.pt", t.best_metric
             )
 
     def _wrap_model(self) -> None:
@@ -249,14 +254,9 @@ class _Loop:
         """Load model, optimiser, scaler, progress and RNG from a checkpoint (no-op for None)."""
         if path is None:
             return
+        d = self.dist
         saved = resume_training(
-            path,
-            self.task,
-            self.optimizer,
-            self.scaler,
-            self.dist.rank,
-            self.dist.world_size,
-            self.global_batch,
+            path, self.task, self.optimizer, self.scaler, d.rank, d.world_size, self.global_batch
         )
         known = {f.name for f in dataclasses.fields(TrainState)}
         self.state = TrainState(**{k: v for k, v in saved.items() if k in known})

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sscxr.errors import ConfigError, DataError
+from sscxr.errors import ConfigError
 from sscxr.metrics import (
     MetricValue,
     bootstrap_metrics,
@@ -47,8 +47,13 @@ ALL = "all"  # the "class" of metrics computed over every class (accuracy, ECE, 
 CLASS_METRICS = ("sensitivity", "specificity", "fpr", "fnr", "precision", "auc_pr", "auc_roc")
 # balanced_accuracy is the mean sensitivity over the classes present; macro_specificity the mean specificity.
 OVERALL_METRICS = (
-    "accuracy", "balanced_accuracy", "macro_specificity", "macro_auc_roc", "macro_auc_pr", "ece",
-)  # fmt: skip
+    "accuracy",
+    "balanced_accuracy",
+    "macro_specificity",
+    "macro_auc_roc",
+    "macro_auc_pr",
+    "ece",
+)
 
 
 # ------------------------------------------------------------------------------------------ thresholds
@@ -69,9 +74,9 @@ class ThresholdRule:
         return self.kind in ("youden", "sensitivity")
 
     def __str__(self) -> str:
-        return {"fixed": f"{self.value:g}", "sensitivity": f"sensitivity:{self.value:g}"}.get(
-            self.kind, self.kind
-        )
+        if self.kind == "fixed":
+            return f"{self.value:g}"
+        return f"sensitivity:{self.value:g}" if self.kind == "sensitivity" else self.kind
 
 
 def parse_threshold(text: str) -> ThresholdRule:
@@ -197,12 +202,18 @@ def _metric_rows(
     for key, mv in point.items():
         cls, metric = key.split("/", 1)
         ci = cis.get(key)
-        rows.append({
-            "class": cls, "metric": metric, "value": _num(mv.value),
-            "ci_low": _num(ci.low) if ci is not None and mv.defined else None,
-            "ci_high": _num(ci.high) if ci is not None and mv.defined else None,
-            "n": n[key], "reason": mv.reason, "ci_note": ci.note if ci is not None else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "class": cls,
+                "metric": metric,
+                "value": _num(mv.value),
+                "ci_low": _num(ci.low) if ci is not None and mv.defined else None,
+                "ci_high": _num(ci.high) if ci is not None and mv.defined else None,
+                "n": n[key],
+                "reason": mv.reason,
+                "ci_note": ci.note if ci is not None else None,
+            }
+        )
     return rows
 
 
@@ -217,9 +228,11 @@ def _curves(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dic
     out: dict[str, Any] = {}
     for k, name in enumerate(class_names):
         c = curves(y, probs, positive=k)
-        out[name] = None if c is None else {
-            key: np.round(getattr(c, key), 5).tolist() for key in ("fpr", "tpr", "precision", "recall")
-        }  # fmt: skip
+        out[name] = (
+            None
+            if c is None
+            else {key: np.round(getattr(c, key), 5).tolist() for key in ("fpr", "tpr", "precision", "recall")}
+        )
     return out
 
 
@@ -232,6 +245,21 @@ def _reliability(y: np.ndarray, probs: np.ndarray, n_bins: int) -> dict[str, Any
         "observed": [_num(v) for v in rc.observed],
         "counts": rc.counts.astype(int).tolist(),
     }
+
+
+def _empty_result(class_names: Sequence[str], threshold: float | None) -> dict[str, Any]:
+    """A test set with no image the task uses: every metric n/a with that reason, nothing to plot."""
+    reason = "no image of this test set has a label the task uses"
+    keys = [(ALL, m) for m in OVERALL_METRICS] + [(c, m) for c in class_names for m in CLASS_METRICS]
+    k = len(class_names)
+    return {
+        "class_names": list(class_names), "threshold": threshold, "n_images": 0, "n_patients": 0,
+        "counts": {c: {"images": 0, "patients": 0} for c in class_names},
+        "metrics": [{"class": c, "metric": m, "value": None, "ci_low": None, "ci_high": None, "n": 0,
+                     "reason": reason, "ci_note": None} for c, m in keys],
+        "confusion": [[0] * k for _ in range(k)], "curves": {c: None for c in class_names},
+        "reliability": None,
+    }  # fmt: skip
 
 
 def evaluate_arrays(
@@ -263,13 +291,16 @@ def evaluate_arrays(
     """
     y, probs = np.asarray(y, dtype=np.int64), np.asarray(probs, dtype=np.float64)
     if y.size == 0:
-        raise DataError("no image of this test set has a label the model's task uses")
+        return _empty_result(class_names, threshold)
     groups = np.asarray(patients, dtype=object) if patients is not None else None
     point = metric_summary(y, probs, class_names, threshold, n_bins)
     cis: dict[str, Any] = {}
     if n_boot > 0:
-        fn = lambda yy, ss: metric_summary(yy, ss, class_names, threshold, n_bins)  # noqa: E731
-        cis = bootstrap_metrics(y, probs, groups, fn, n_boot=n_boot, alpha=alpha, seed=seed)
+
+        def summary(yy: np.ndarray, ss: np.ndarray) -> dict[str, MetricValue]:
+            return metric_summary(yy, ss, class_names, threshold, n_bins)  # the threshold stays frozen
+
+        cis = bootstrap_metrics(y, probs, groups, summary, n_boot=n_boot, alpha=alpha, seed=seed)
     pred = predict_classes(probs, threshold)
     confusion = classification_metrics(y, probs, class_names, threshold).confusion
     pats = groups if groups is not None else np.arange(y.size).astype(object)

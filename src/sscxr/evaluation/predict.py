@@ -149,14 +149,13 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 
 def _batches(
-    cache: ImageCache, indices: np.ndarray, batch_size: int, norm: tuple[float, float]
+    cache: ImageCache, indices: np.ndarray, batch_size: int, norm: tuple[float, float] | None
 ) -> Iterator[torch.Tensor]:
-    """(B, 1, S, S) standardised float32 batches, read straight from the memmap (sorted rows read fastest)."""
-    mean, std = norm
+    """(B, 1, S, S) float32 batches read straight from the memmap: [0, 1], or standardised with ``norm``."""
     for start in range(0, indices.size, batch_size):
         raw = cache.images[indices[start : start + batch_size]]
         x = torch.from_numpy(raw.astype(np.float32)) / _MAX
-        yield ((x - mean) / std)[:, None]
+        yield (x if norm is None else (x - norm[0]) / norm[1])[:, None]
 
 
 def _to_probs(logits: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -170,7 +169,14 @@ def _to_probs(logits: torch.Tensor, n_classes: int) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
-def _normalization(meta: Mapping[str, Any]) -> tuple[float, float]:
+def _normalization(model: Model, meta: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The standardisation to apply before the model, or None when the model applies its own.
+
+    `ViTClassifier` standardises inside `forward` (its ``norm_mean`` / ``norm_std`` buffers) and takes
+    [0, 1] images; any other callable gets images standardised with model.json's normalization.
+    """
+    if hasattr(model, "norm_mean") and hasattr(model, "standardize"):
+        return None
     norm = meta.get("normalization")
     if not isinstance(norm, Mapping) or "mean" not in norm or "std" not in norm:
         raise ConfigError(
@@ -194,8 +200,9 @@ def predict(
     """Class probabilities of cache rows.
 
     Args:
-        model: ``model(x: (B, 1, S, S) standardised) -> logits (B, C)`` (an nn.Module is put in eval
-            mode and on ``device``).
+        model: ``model(x: (B, 1, S, S)) -> logits (B, C)``; a `ViTClassifier` gets [0, 1] images (it
+            standardises them itself), any other callable images standardised with ``meta``'s
+            normalization. An nn.Module is put in eval mode and on ``device``.
         meta: model.json contents: ``class_names``, ``normalization`` {mean, std}, optional ``img_size``.
         cache: an opened `ImageCache`.
         indices: (N,) cache rows.
@@ -207,7 +214,7 @@ def predict(
         (N, C) float64 probabilities, rows in ``indices`` order.
     """
     idx = np.asarray(indices, dtype=np.int64)
-    n_classes, norm, dev = len(meta["class_names"]), _normalization(meta), resolve_device(device)
+    n_classes, norm, dev = len(meta["class_names"]), _normalization(model, meta), resolve_device(device)
     size = int(meta.get("img_size") or cache.size)
     if size != cache.size:
         log.warning(

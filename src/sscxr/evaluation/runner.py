@@ -61,6 +61,8 @@ class ModelSpec:
 class TestSpec:
     """A named test set ("training distribution", "unseen sites", ...): rows of a cache."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     name: str
     split: SplitSpec
 
@@ -137,8 +139,17 @@ def _choose(
         return choose_threshold(opts.threshold, names, stored)
     spec, cache, idx = val
     t = class_targets(cache, idx, label_map_of(m.meta))
-    p = predict(m.model, m.meta, cache, t.indices, opts.batch_size, opts.device, opts.precision,
-                opts.progress, desc=f"{m.name} @ validation")  # fmt: skip
+    p = predict(
+        m.model,
+        m.meta,
+        cache,
+        t.indices,
+        opts.batch_size,
+        opts.device,
+        opts.precision,
+        opts.progress,
+        desc=f"{m.name} @ validation",
+    )
     return choose_threshold(opts.threshold, names, stored, t.y, p, val_name=f"validation {spec}")
 
 
@@ -158,30 +169,54 @@ def _model_info(m: ModelSpec, choice: ThresholdChoice) -> dict[str, Any]:
 
 
 def _evaluate_pair(
-    m: ModelSpec, choice: ThresholdChoice, test: str, data: tuple[ImageCache, np.ndarray], opts: EvalOptions,
+    m: ModelSpec,
+    choice: ThresholdChoice,
+    test: str,
+    data: tuple[ImageCache, np.ndarray],
+    opts: EvalOptions,
     out_dir: Path,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """One model on one test set: predict, save the predictions CSV, compute every metric."""
     cache, idx = data
     names = list(m.meta["class_names"])
     t = class_targets(cache, idx, label_map_of(m.meta))
     if t.excluded:
-        log.info("%s on %s: left out %d images whose label the task does not use: %s",
-                 m.name, test, sum(t.excluded.values()), t.excluded)  # fmt: skip
+        log.info(
+            "%s on %s: left out %d images whose label the task does not use: %s",
+            m.name,
+            test,
+            sum(t.excluded.values()),
+            t.excluded,
+        )
     start = time.perf_counter()
-    probs = predict(m.model, m.meta, cache, t.indices, opts.batch_size, opts.device, opts.precision,
-                    opts.progress, desc=f"{m.name} @ {test}")  # fmt: skip
+    probs = predict(
+        m.model,
+        m.meta,
+        cache,
+        t.indices,
+        opts.batch_size,
+        opts.device,
+        opts.precision,
+        opts.progress,
+        desc=f"{m.name} @ {test}",
+    )
     seconds = time.perf_counter() - start
     rel = Path("predictions") / f"{slug(m.name)}__{slug(test)}.csv"
     write_predictions(out_dir / rel, cache, t, probs, names, predict_classes(probs, choice.value))
-    result = evaluate_arrays(t.y, probs, t.patients, names, choice.value, opts.n_boot, opts.alpha, opts.seed,
-                             opts.n_bins)  # fmt: skip
+    result = evaluate_arrays(
+        t.y, probs, t.patients, names, choice.value, opts.n_boot, opts.alpha, opts.seed, opts.n_bins
+    )
     return {
-        "model": m.name, "test_set": test, "task": task_name(m.meta), **result,
-        "excluded": t.excluded, "n_excluded": int(sum(t.excluded.values())),
-        "predictions_csv": str(rel), "seconds": round(seconds, 4),
+        "model": m.name,
+        "test_set": test,
+        "task": task_name(m.meta),
+        **result,
+        "excluded": t.excluded,
+        "n_excluded": int(sum(t.excluded.values())),
+        "predictions_csv": str(rel),
+        "seconds": round(seconds, 4),
         "images_per_s": round(t.indices.size / max(seconds, 1e-9), 2),
-    }  # fmt: skip
+    }
 
 
 def evaluate_models(
@@ -221,12 +256,15 @@ def evaluate_models(
         for t in tests
     ]
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "sscxr_version": __version__,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sscxr_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "run": run_name or out.resolve().name, "command": command,
+        "run": run_name or out.resolve().name,
+        "command": command,
         "options": {**asdict(options), "threshold": str(options.threshold)},
         "validation": None if val_data is None else _split_info(*val_data),
         "models": {m.name: _model_info(m, choices[m.name]) for m in models},
         "test_sets": {t.name: _split_info(t.split, *opened[t.name]) for t in tests},
         "results": results,
-    }  # fmt: skip
+    }

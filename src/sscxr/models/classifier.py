@@ -88,8 +88,10 @@ class ViTClassifier(nn.Module):
             nn.init.zeros_(encoder.head.bias)
         self.encoder = encoder
         norm = normalization or _IDENTITY
-        self.register_buffer("norm_mean", torch.tensor(float(norm.mean)))
-        self.register_buffer("norm_std", torch.tensor(float(norm.std)))
+        # float64 0-d buffers: exact round trip of the statistics, and 0-d tensors never change the
+        # dtype of the image they are applied to.
+        self.register_buffer("norm_mean", torch.tensor(float(norm.mean), dtype=torch.float64))
+        self.register_buffer("norm_std", torch.tensor(float(norm.std), dtype=torch.float64))
 
     @property
     def num_classes(self) -> int:

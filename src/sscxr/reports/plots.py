@@ -26,7 +26,7 @@ def _png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     # No "Software" metadata: keeps the PNG free of any URL.
-    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
     return buf.getvalue()
 
 
@@ -36,10 +36,20 @@ def _undefined(ax: Axes, text: str) -> None:
 
 def _curve_axes(ax_roc: Axes, ax_pr: Axes, cls: str) -> None:
     ax_roc.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-    ax_roc.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="FPR (1 - specificity)", ylabel="sensitivity",
-               title=f"ROC: {cls} vs rest")  # fmt: skip
-    ax_pr.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall (sensitivity)", ylabel="precision",
-              title=f"PR: {cls} vs rest")  # fmt: skip
+    ax_roc.set(
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        xlabel="FPR (1 - specificity)",
+        ylabel="sensitivity",
+        title=f"ROC: {cls} vs rest",
+    )
+    ax_pr.set(
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        xlabel="recall (sensitivity)",
+        ylabel="precision",
+        title=f"PR: {cls} vs rest",
+    )
 
 
 def _auc_text(result: Mapping[str, Any], cls: str, metric: str) -> str:
@@ -66,8 +76,13 @@ def roc_pr_figure(entries: Sequence[Entry], classes: Sequence[str], title: str) 
                 continue
             drawn += 1
             ax_roc.plot(c["fpr"], c["tpr"], lw=1.4, label=f"{label} (AUC {_auc_text(res, cls, 'auc_roc')})")
-            ax_pr.step(c["recall"], c["precision"], where="post", lw=1.4,
-                       label=f"{label} (AP {_auc_text(res, cls, 'auc_pr')})")  # fmt: skip
+            ax_pr.step(
+                c["recall"],
+                c["precision"],
+                where="post",
+                lw=1.4,
+                label=f"{label} (AP {_auc_text(res, cls, 'auc_pr')})",
+            )
         if drawn:
             ax_roc.legend(fontsize=7, loc="lower right")
             ax_pr.legend(fontsize=7, loc="lower left")
@@ -91,8 +106,15 @@ def confusion_figure(entries: Sequence[Entry], title: str) -> bytes:
         ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
         for i in range(cm.shape[0]):
             for j in range(cm.shape[1]):
-                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
-                        color="white" if frac[i, j] > 0.6 else "black", fontsize=9)  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{int(cm[i, j])}",
+                    ha="center",
+                    va="center",
+                    color="white" if frac[i, j] > 0.6 else "black",
+                    fontsize=9,
+                )
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set(xlabel="predicted", ylabel="true", title=label)
@@ -109,13 +131,17 @@ def reliability_figure(entries: Sequence[Entry], title: str) -> bytes:
     kind = "probability"
     for label, res in entries:
         rel = res["reliability"]
+        if rel is None:  # no image of this test set has a label the task uses
+            continue
         kind = rel["kind"]
         pts = [(c, o) for c, o, n in zip(rel["confidence"], rel["observed"], rel["counts"], strict=True) if n]
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", ms=3, lw=1.2, label=f"{label} (ECE {_auc_text(res, 'all', 'ece')})")
     what = "P(positive class)" if kind == "positive class" else "top-label confidence"
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"mean predicted {what}", ylabel="observed frequency")
+    ax.set(
+        xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=f"mean predicted {what}", ylabel="observed frequency"
+    )
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -39,7 +39,7 @@ PAPER_COLUMNS = (
     ("AUC-ROC", "auc_roc"),
     ("ACC %", "accuracy"),
 )
-_PERCENT = {"accuracy", "balanced_accuracy"}
+_PERCENT = {"accuracy"}  # as the paper prints ACC; every other metric is a fraction
 
 Result = Mapping[str, Any]
 Doc = Mapping[str, Any]
@@ -137,13 +137,21 @@ def summary_table(docs: Sequence[Doc]) -> Table:
         "Summary across runs (Table 6 style): ACC %, Sens and Spec with 95% CIs",
         ["Run", "Model", "Task"] + [h for _ in tests for h in ("ACC %", "Sens", "Spec")],
         groups=[("", 3)] + [(t, 3) for t in tests],
+        notes=[
+            "Binary tasks: Sens and Spec of the positive class. Multi-class tasks: the mean over classes "
+            '(Sens = balanced accuracy, Spec = mean one-vs-rest specificity). The paper\'s Table 6 "TPR" '
+            "row is a specificity: compare it with Spec."
+        ],
     )
     for doc in docs:
         res = _results(doc)
         for model, info in doc["models"].items():
             pos = info.get("positive_class")
-            sens, spec = ((pos, "sensitivity"), (pos, "specificity")) if pos else (
-                ("all", "balanced_accuracy"), ("all", "macro_specificity"))  # fmt: skip
+            sens, spec = (
+                ((pos, "sensitivity"), (pos, "specificity"))
+                if pos
+                else (("all", "balanced_accuracy"), ("all", "macro_specificity"))
+            )
             cells = [str(doc.get("run", "")), model, info["task"]]
             for t in tests:
                 idx = metric_index(res[(model, t)]) if (model, t) in res else None
@@ -174,8 +182,10 @@ def counts_table(doc: Doc) -> Table:
 
 def threshold_table(doc: Doc) -> Table:
     """Each model's frozen operating threshold and where it was chosen."""
-    table = Table("Operating thresholds (frozen before any test set was predicted)",
-                  ["Model", "Task", "Rule", "Threshold on P(positive)", "Chosen on", "Note"])  # fmt: skip
+    table = Table(
+        "Operating thresholds (frozen before any test set was predicted)",
+        ["Model", "Task", "Rule", "Threshold on P(positive)", "Chosen on", "Note"],
+    )
     for name, m in doc["models"].items():
         t = m["threshold"]
         value = "arg-max" if t["value"] is None else f"{t['value']:.4f}"
@@ -190,7 +200,9 @@ def calibration_table(doc: Doc) -> Table:
     res = _results(doc)
     for model in doc["models"]:
         idx = {t: metric_index(res[(model, t)]) for t in tests if (model, t) in res}
-        table.rows.append([model, *(fmt_metric(idx[t].get(("all", "ece"))) if t in idx else NOT_RUN for t in tests)])
+        table.rows.append(
+            [model, *(fmt_metric(idx[t].get(("all", "ece"))) if t in idx else NOT_RUN for t in tests)]
+        )
     return table
 
 
@@ -212,8 +224,16 @@ def undefined_table(docs: Iterable[Doc]) -> Table:
         for r in doc["results"]:
             for m in r["metrics"]:
                 if m["value"] is None:
-                    table.rows.append([str(doc.get("run", "")), r["model"], r["test_set"], m["class"],
-                                       m["metric"], f"n/a ({m['reason']})"])  # fmt: skip
+                    table.rows.append(
+                        [
+                            str(doc.get("run", "")),
+                            r["model"],
+                            r["test_set"],
+                            m["class"],
+                            m["metric"],
+                            f"n/a ({m['reason']})",
+                        ]
+                    )
     return table
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,13 +33,7 @@ from sscxr.models.classifier import ViTClassifier, export_classifier
 from sscxr.models.loading import Normalization, load_encoder_weights
 from sscxr.models.vit import ViTConfig, build_vit
 from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
-from sscxr.tasks.labels import (
-    LabelTask,
-    check_classes_present,
-    count_excluded,
-    labelled_subset,
-    resolve_task,
-)
+from sscxr.tasks.labels import TASKS, LabelTask, class_weights, resolve_task, select_rows
 from sscxr.utils import derive_seed
 
 __all__ = [
@@ -49,29 +42,12 @@ __all__ = [
     "ClassifyConfig",
     "FinetuneConfig",
     "build_finetuning",
-    "class_weights",
     "init_encoder",
     "label_task_of",
     "resolve_init_path",
-    "select_rows",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def class_weights(counts: list[int]) -> torch.Tensor:
-    """Inverse-frequency loss weights `N / (C * n_c)` (1 for every class when balanced).
-
-    Args:
-        counts: training images per class (all > 0).
-
-    Returns:
-        (C,) float32.
-    """
-    if not counts or min(counts) <= 0:
-        raise ConfigError(f"class_balance=loss_weights needs images of every class in training, got {counts}")
-    n = torch.tensor(counts, dtype=torch.float64)
-    return (n.sum() / (len(counts) * n)).float()
 
 
 @dataclass
@@ -296,78 +272,11 @@ class FinetuneConfig:
 
 def label_task_of(cfg: ClassifyConfig) -> LabelTask:
     """The `LabelTask` a classify config asks for."""
-    classes = [(c.name, list(c.labels)) for c in cfg.classes] if cfg.classes else None
-    return resolve_task(cfg.task, classes)
-
-
-def _split_rows(
-    cache: ImageCache, split: str, task: LabelTask, role: str
-) -> tuple[np.ndarray, dict[str, int]]:
-    """Decoded rows of `split` whose label the task uses, and the per-label counts left out."""
-    idx = cache.indices(split=split)
-    labels = [cache.rows[i].label for i in idx]
-    excluded = count_excluded(labels, task.label_map)
-    if excluded:
-        log.info(
-            "%s split %r: left out %d of %d images whose label task %r does not use: %s",
-            role, split, sum(excluded.values()), len(idx), task.name, excluded,
-        )  # fmt: skip
-    keep = np.array([lab in task.label_map for lab in labels], dtype=bool)
-    return idx[keep] if idx.size else idx, excluded
-
-
-def _class_counts(cache: ImageCache, idx: np.ndarray, task: LabelTask) -> list[int]:
-    classes = [task.label_map[cache.rows[i].label] for i in idx]
-    return np.bincount(np.asarray(classes, dtype=np.int64), minlength=len(task.class_names)).tolist()
-
-
-def select_rows(
-    cache: ImageCache, data: DataConfig, ccfg: ClassifyConfig, task: LabelTask
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Training and validation rows of the cache for a task; test splits are refused, never read.
-
-    Returns:
-        (train rows, val rows, info for `model.json`: splits, excluded counts per label, images per
-        class, and the labelled subset drawn).
-    """
-    for role, split in (("train", data.train_split), ("val", data.val_split)):
-        if split.lower().startswith("test"):
-            raise ConfigError(
-                f"data.{role}_split={split!r}: fine-tuning never reads a test split (the best checkpoint "
-                "is chosen on validation); evaluate test sets afterwards with `sscxr evaluate`"
-            )
-    if data.train_split == data.val_split:
-        raise ConfigError(f"data.train_split and data.val_split are both {data.train_split!r}")
-    train, ex_train = _split_rows(cache, data.train_split, task, "train")
-    val, ex_val = _split_rows(cache, data.val_split, task, "val")
-    info: dict[str, Any] = {
-        "splits": {"train": data.train_split, "val": data.val_split},
-        "excluded": {"train": ex_train, "val": ex_val},
-    }
-    if ccfg.labelled_fraction < 1.0 or ccfg.max_labelled_per_class is not None:
-        pids = [cache.rows[i].patient_id for i in train]
-        classes = [task.label_map[cache.rows[i].label] for i in train]
-        pos = labelled_subset(
-            pids, classes, ccfg.labelled_fraction, ccfg.max_labelled_per_class, ccfg.subset_seed
-        )
-        info["labelled_subset"] = {
-            "fraction": ccfg.labelled_fraction, "max_per_class": ccfg.max_labelled_per_class,
-            "seed": ccfg.subset_seed, "images": int(pos.size), "of_images": int(train.size),
-            "patients": len({pids[p] for p in pos}), "of_patients": len(set(pids)),
-        }  # fmt: skip
-        log.info("labelled subset: %s", info["labelled_subset"])
-        train = train[pos]
-    names = task.class_names
-    check_classes_present(np.repeat(np.arange(len(names)), _class_counts(cache, train, task)), names,
-                          f"{cache.root}: the {data.train_split!r} split")  # fmt: skip
-    if val.size:
-        check_classes_present(np.repeat(np.arange(len(names)), _class_counts(cache, val, task)), names,
-                              f"{cache.root}: the {data.val_split!r} split")  # fmt: skip
-    info["n_images"] = {
-        role: dict(zip(names, _class_counts(cache, idx, task), strict=True))
-        for role, idx in (("train", train), ("val", val))
-    }
-    return train, val, info
+    if not cfg.classes:
+        return resolve_task(cfg.task)
+    # A built-in task's name must not label a different mapping in model.json and the reports.
+    name = "custom" if cfg.task in TASKS else cfg.task
+    return resolve_task(name, [(c.name, list(c.labels)) for c in cfg.classes])
 
 
 def resolve_init_path(path: str) -> Path:
@@ -451,7 +360,11 @@ def build_finetuning(
             f"{cfg.model.img_size}."
         )
     task_map = label_task_of(cfg.classify)
-    train_idx, val_idx, data_info = select_rows(cache, cfg.data, cfg.classify, task_map)
+    c = cfg.classify
+    train_idx, val_idx, data_info = select_rows(
+        cache, task_map, cfg.data.train_split, cfg.data.val_split,
+        c.labelled_fraction, c.max_labelled_per_class, c.subset_seed,
+    )  # fmt: skip
     binary = len(task_map.class_names) == 2
     model = ViTClassifier(
         build_vit(cfg.model), task_map.class_names, cfg.classify.drop_rate,

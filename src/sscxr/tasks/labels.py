@@ -13,18 +13,24 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
+from sscxr.data.cache import ImageCache
 from sscxr.errors import ConfigError, DataError
 
 __all__ = [
     "TASKS",
     "LabelTask",
+    "check_classes_present",
+    "class_counts",
+    "class_weights",
     "count_excluded",
     "labelled_subset",
-    "check_classes_present",
     "resolve_task",
+    "select_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -191,13 +197,102 @@ def labelled_subset(
     return np.sort(np.asarray(kept, dtype=np.int64))
 
 
-def check_classes_present(classes: np.ndarray, class_names: Sequence[str], what: str) -> None:
-    """Raise DataError naming the classes with no image in `classes` (`what`: e.g. "the val split")."""
-    counts = np.bincount(np.asarray(classes, dtype=np.int64), minlength=len(class_names))
+def check_classes_present(counts: Sequence[int], class_names: Sequence[str], what: str) -> None:
+    """Raise DataError naming the classes with no image (`counts`: images per class; `what`: where)."""
     absent = [n for n, k in zip(class_names, counts, strict=True) if k == 0]
     if absent:
         raise DataError(
-            f"{what} has no image of class(es) {absent} (counts {dict(zip(class_names, counts.tolist(), strict=True))}); "
-            "AUC-ROC and the best-checkpoint choice need every class: re-split the manifest "
-            "(`sscxr split`) or choose another task"
+            f"{what} has no image of class(es) {absent} (images per class: "
+            f"{dict(zip(class_names, counts, strict=True))}); every class is needed to learn it and for "
+            "AUC-ROC, which chooses the best checkpoint: re-split the manifest or choose another task"
         )
+
+
+def class_weights(counts: Sequence[int]) -> torch.Tensor:
+    """Inverse-frequency loss weights `N / (C * n_c)` (1 for every class when balanced).
+
+    Args:
+        counts: training images per class (all > 0).
+
+    Returns:
+        (C,) float32.
+    """
+    if not counts or min(counts) <= 0:
+        raise ConfigError(f"class_balance=loss_weights needs images of every class in training, got {counts}")
+    n = torch.tensor(list(counts), dtype=torch.float64)
+    return (n.sum() / (len(counts) * n)).float()
+
+
+def _split_rows(cache: ImageCache, split: str, task: LabelTask) -> tuple[np.ndarray, dict[str, int]]:
+    """Decoded rows of `split` whose label the task uses, and the per-label counts left out."""
+    idx = cache.indices(split=split)
+    labels = [cache.rows[i].label for i in idx]
+    excluded = count_excluded(labels, task.label_map)
+    if excluded:
+        log.info(
+            "split %r: left out %d of %d images whose label task %r does not use: %s",
+            split, sum(excluded.values()), len(idx), task.name, excluded,
+        )  # fmt: skip
+    keep = np.array([lab in task.label_map for lab in labels], dtype=bool)
+    return (idx[keep] if idx.size else idx), excluded
+
+
+def class_counts(cache: ImageCache, rows: np.ndarray, task: LabelTask) -> list[int]:
+    """Images per class of the task among cache `rows` (all labelled with a label the task uses)."""
+    classes = np.asarray([task.label_map[cache.rows[i].label] for i in rows], dtype=np.int64)
+    return np.bincount(classes, minlength=len(task.class_names)).tolist()
+
+
+def select_rows(
+    cache: ImageCache,
+    task: LabelTask,
+    train_split: str = "train",
+    val_split: str = "val",
+    fraction: float = 1.0,
+    max_per_class: int | None = None,
+    subset_seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Training and validation rows of a cache for a task; test splits are refused, never read.
+
+    Args:
+        cache: the prepared cache.
+        task: classes and their labels.
+        train_split, val_split: split names (neither may start with "test").
+        fraction, max_per_class, subset_seed: the labelled subset of the training rows
+            (`labelled_subset`); the validation rows are always all used.
+
+    Returns:
+        (train rows (K,), val rows (V,), info for `model.json`: splits, excluded images per label,
+        images per class, and the labelled subset drawn).
+    """
+    for role, split in (("train", train_split), ("val", val_split)):
+        if split.lower().startswith("test"):
+            raise ConfigError(
+                f"data.{role}_split={split!r}: fine-tuning never reads a test split (the best checkpoint "
+                "is chosen on validation); evaluate test sets afterwards with `sscxr evaluate`"
+            )
+    if train_split == val_split:
+        raise ConfigError(f"data.train_split and data.val_split are both {train_split!r}")
+    train, ex_train = _split_rows(cache, train_split, task)
+    val, ex_val = _split_rows(cache, val_split, task)
+    info: dict[str, Any] = {
+        "splits": {"train": train_split, "val": val_split},
+        "excluded": {"train": ex_train, "val": ex_val},
+    }
+    if fraction < 1.0 or max_per_class is not None:
+        pids = [cache.rows[i].patient_id for i in train]
+        classes = [task.label_map[cache.rows[i].label] for i in train]
+        pos = labelled_subset(pids, classes, fraction, max_per_class, subset_seed)
+        info["labelled_subset"] = {
+            "fraction": fraction, "max_per_class": max_per_class, "seed": subset_seed,
+            "images": int(pos.size), "of_images": int(train.size),
+            "patients": len({pids[p] for p in pos}), "of_patients": len(set(pids)),
+        }  # fmt: skip
+        log.info("labelled subset: %s", info["labelled_subset"])
+        train = train[pos]
+    counts = {"train": class_counts(cache, train, task), "val": class_counts(cache, val, task)}
+    check_classes_present(counts["train"], task.class_names, f"{cache.root}: split {train_split!r}")
+    if val.size:
+        check_classes_present(counts["val"], task.class_names, f"{cache.root}: split {val_split!r}")
+    info["n_images"] = {r: dict(zip(task.class_names, c, strict=True)) for r, c in counts.items()}
+    return train, val, info

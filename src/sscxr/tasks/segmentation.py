@@ -11,7 +11,7 @@ is the best validation checkpoint (`train.best_metric`, default `val/dice`) when
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +25,17 @@ from sscxr.data.cache import ImageCache
 from sscxr.data.datasets import CachedDataset
 from sscxr.engine.checkpoint import load_checkpoint
 from sscxr.engine.config import OptimConfig, TrainConfig
-from sscxr.errors import ConfigError, DataError
-from sscxr.models.loading import LoadReport, Normalization, load_encoder_weights
+from sscxr.errors import CheckpointError, ConfigError, DataError
+from sscxr.models.loading import Normalization, load_encoder_weights
 from sscxr.models.unetr import UNETR, SegmenterSpec, build_unetr, export_segmenter, lung_probability
 from sscxr.models.vit import ViTConfig
 from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
+from sscxr.tasks.classification import resolve_init_path
 from sscxr.viz.overlay import OverlayCase, overlay_figure
 
 log = logging.getLogger(__name__)
 
-INIT_MODES = ("scratch", "sscxr", "timm")
+INIT_MODES = ("scratch", "sscxr", "timm", "auto")
 
 
 @dataclass
@@ -42,10 +43,11 @@ class SegTaskConfig:
     """Segmentation-specific settings.
 
     Attributes:
-        init: encoder start: "scratch", "sscxr" (GMML export / checkpoint: SS-CXR) or "timm" (an
-            external timm / DeiT-layout file, e.g. ImageNet GMML: SS-IN).
-        init_path: weight file, or a run folder (`encoder.safetensors`, else `checkpoints/best.pt`,
-            else `checkpoints/last.pt`); required unless init is "scratch".
+        init: encoder start: "scratch", "sscxr" (GMML export / checkpoint: SS-CXR), "timm" (an
+            external timm / DeiT-layout file, e.g. ImageNet GMML: SS-IN) or "auto" (scratch without
+            init_path, else whatever the file is).
+        init_path: weight file, or a pre-training run folder (its `encoder.safetensors`, else
+            `checkpoints/last.pt`).
         out_channels: 2 (background / lung, softmax) or 1 (sigmoid).
         feature_size: decoder width at full resolution (MONAI's UNETR default 16).
         skip_blocks: 1-based ViT blocks read by the decoder; None = evenly spaced ((3, 6, 9, 12) at
@@ -53,7 +55,8 @@ class SegTaskConfig:
         norm_name: decoder normalisation (MONAI name).
         lambda_dice, lambda_ce: weights of the two loss terms.
         threshold: lung probability threshold for validation and export.
-        n_vis: validation images drawn as overlays after each epoch (0 = none).
+        n_vis: validation images drawn as overlays (0 = none).
+        vis_every: epochs between overlay pictures (also after the first epoch).
     """
 
     init: str = "scratch"
@@ -66,6 +69,25 @@ class SegTaskConfig:
     lambda_ce: float = 1.0
     threshold: float = 0.5
     n_vis: int = 4
+    vis_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.init not in INIT_MODES:
+            raise ConfigError(f"seg.init must be one of {INIT_MODES}, got {self.init!r}")
+        if self.init in ("sscxr", "timm") and not self.init_path:
+            raise ConfigError(
+                f"seg.init={self.init} needs seg.init_path (a weight file or a pre-training run)"
+            )
+        if self.init == "scratch" and self.init_path:
+            raise ConfigError("seg.init=scratch ignores seg.init_path: drop it, or use seg.init=auto")
+        if self.out_channels not in (1, 2):
+            raise ConfigError(f"seg.out_channels must be 1 or 2, got {self.out_channels}")
+        if self.feature_size < 1 or self.n_vis < 0 or self.vis_every < 1 or not 0.0 < self.threshold < 1.0:
+            raise ConfigError(
+                "seg.feature_size and seg.vis_every must be >= 1, seg.n_vis >= 0 and seg.threshold in (0, 1)"
+            )
+        if self.lambda_dice < 0 or self.lambda_ce < 0 or self.lambda_dice + self.lambda_ce == 0:
+            raise ConfigError("seg.lambda_dice and seg.lambda_ce must be >= 0 and not both 0")
 
 
 def _seg_train_defaults() -> TrainConfig:
@@ -107,6 +129,7 @@ class SegmentationTask(Task):
         spec: its export description (architecture, normalisation, fit, threshold).
         loss_weights: (lambda_dice, lambda_ce).
         vis_batch: fixed unaugmented samples ("image" standardised (N, 1, H, W), "mask") for overlays.
+        vis_every: draw them after the first epoch and every `vis_every` epochs.
         extra_export: provenance stored in `model.json` (init report, cache, manifest hash).
     """
 
@@ -117,6 +140,7 @@ class SegmentationTask(Task):
         loss_weights: tuple[float, float] = (1.0, 1.0),
         vis_batch: Batch | None = None,
         extra_export: dict[str, Any] | None = None,
+        vis_every: int = 10,
     ) -> None:
         super().__init__()
         self.model, self.spec = model, spec
@@ -129,7 +153,7 @@ class SegmentationTask(Task):
             lambda_dice=loss_weights[0],
             lambda_ce=loss_weights[1],
         )
-        self.vis_batch, self.extra_export = vis_batch, dict(extra_export or {})
+        self.vis_batch, self.extra_export, self.vis_every = vis_batch, dict(extra_export or {}), vis_every
         self.reset_metrics()
 
     def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -159,7 +183,7 @@ class SegmentationTask(Task):
 
     @torch.no_grad()
     def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
-        if self.vis_batch is None:
+        if self.vis_batch is None or (epoch > 0 and (epoch + 1) % self.vis_every):
             return
         was_training = self.training
         self.eval()
@@ -193,35 +217,42 @@ class SegmentationTask(Task):
         export_segmenter(state, self.spec, Path(run_dir) / "model", extra)
 
 
-def resolve_init_path(path: str | Path) -> Path:
-    """A weight file as is; a run folder -> `encoder.safetensors`, else `checkpoints/best.pt`, `last.pt`."""
-    p = Path(path)
-    if not p.is_dir():
-        return p
-    for cand in (p / "encoder.safetensors", p / "checkpoints" / "best.pt", p / "checkpoints" / "last.pt"):
-        if cand.is_file():
-            return cand
-    raise ConfigError(
-        f"seg.init_path={path}: a folder without encoder.safetensors or checkpoints/{{best,last}}.pt; "
-        "pass a pre-training run folder or a weight file"
-    )
+def init_encoder(model: UNETR, init: str, init_path: str, cache_norm: Normalization) -> dict[str, Any]:
+    """Fill `model.encoder` as `seg.init` says; returns what was done (for `model.json`).
 
+    The run-folder lookup is the classifier's (`resolve_init_path`): one rule for both fine-tunings.
+    sscxr exports bring the normalisation GMML trained with; otherwise the cache's statistics are used.
 
-def init_encoder(model: UNETR, init: str, init_path: str) -> LoadReport | None:
-    """Fill `model.encoder` as `seg.init` says; returns the load report (None from scratch)."""
-    if init not in INIT_MODES:
-        raise ConfigError(f"seg.init must be one of {INIT_MODES}, got {init!r}")
-    if init == "scratch":
-        if init_path:
-            raise ConfigError(f"seg.init=scratch but seg.init_path={init_path!r}: set seg.init=sscxr or timm")
-        return None
-    if not init_path:
-        raise ConfigError(f"seg.init={init} needs seg.init_path (a weight file or a pre-training run folder)")
-    report = load_encoder_weights(model.encoder, resolve_init_path(init_path))
-    expected = ("sscxr-export", "sscxr-checkpoint") if init == "sscxr" else ("timm",)
-    if report.source not in expected:
-        log.warning("seg.init=%s but %s holds %s weights; loaded anyway", init, report.path, report.source)
-    return report
+    Returns:
+        {"mode", "normalization": {"mean", "std"}, "normalization_from"} plus, when weights were loaded,
+        the LoadReport's "path", "source", exact "missing" / "unexpected" keys and "adapted" notes.
+    """
+    if init == "scratch" or (init == "auto" and not init_path):
+        return {"mode": "scratch", "normalization": asdict(cache_norm), "normalization_from": "cache"}
+    path = resolve_init_path(init_path)
+    report = load_encoder_weights(model.encoder, path)
+    ours = report.source in ("sscxr-export", "sscxr-checkpoint")
+    if (init == "sscxr" and not ours) or (init == "timm" and ours):
+        raise CheckpointError(
+            f"{path}: seg.init={init} but the file is a {report.source} file; "
+            f"use seg.init={'sscxr' if ours else 'timm'} (or auto)"
+        )
+    norm = report.normalization or cache_norm
+    log.info(
+        "encoder initialised from %s (%s): missing keys %s; unexpected keys %s; adapted: %s",
+        path, report.source, report.missing, report.unexpected, report.adapted or "nothing",
+    )  # fmt: skip
+    return {
+        "mode": "sscxr" if ours else "timm",
+        "path": str(path),
+        "source": report.source,
+        "missing": report.missing,
+        "unexpected": report.unexpected,
+        "adapted": report.adapted,
+        "normalization": asdict(norm),
+        "normalization_from": "export" if report.normalization is not None else "cache",
+        "pretraining": report.meta.get("extra", {}),
+    }
 
 
 def _mask_indices(cache: ImageCache, split: str) -> np.ndarray:
@@ -234,26 +265,10 @@ def _mask_indices(cache: ImageCache, split: str) -> np.ndarray:
     return keep
 
 
-def _report_dict(report: LoadReport | None, init: str) -> dict[str, Any]:
-    if report is None:
-        return {"init": init}
-    return {
-        "init": init,
-        "path": report.path,
-        "source": report.source,
-        "missing": report.missing,
-        "unexpected": report.unexpected,
-        "adapted": report.adapted,
-    }
-
-
 def build_segmentation(
     cfg: SegmentConfig, seed: int
 ) -> tuple[SegmentationTask, CachedDataset, CachedDataset | None]:
     """Build the segmentation task and its train / val datasets from a prepared cache with masks.
-
-    The intensity normalisation is the pre-trained encoder's (from an sscxr export) when there is one,
-    so the encoder sees inputs like those it learnt from; otherwise the cache's own mean and std.
 
     Returns:
         (task, train_set, val_set); val_set is None when `data.val_split` has no masked images.
@@ -270,22 +285,13 @@ def build_segmentation(
         raise DataError(f"{cache.root}: no images with masks in split {cfg.data.train_split!r}.")
     s = cfg.seg
     spec = SegmenterSpec(
-        vit=cfg.model,
-        normalization=Normalization(*cache.stats),
-        out_channels=s.out_channels,
-        feature_size=s.feature_size,
-        blocks=tuple(s.skip_blocks or ()),
-        norm_name=s.norm_name,
-        fit=cache.fit,
-        threshold=s.threshold,
-    )
-    if s.out_channels not in (1, 2):
-        raise ConfigError(f"seg.out_channels must be 1 or 2, got {s.out_channels}")
+        vit=cfg.model, normalization=Normalization(*cache.stats), out_channels=s.out_channels,
+        feature_size=s.feature_size, blocks=tuple(s.skip_blocks or ()), norm_name=s.norm_name,
+        fit=cache.fit, threshold=s.threshold,
+    )  # fmt: skip
     model = build_unetr(spec)
-    report = init_encoder(model, s.init, s.init_path)
-    if report is not None and report.normalization is not None:
-        spec = replace(spec, normalization=report.normalization)
-    spec = replace(spec, blocks=model.blocks)
+    init = init_encoder(model, s.init, s.init_path, spec.normalization)
+    spec = replace(spec, normalization=Normalization(**init["normalization"]), blocks=model.blocks)
     norm = (spec.normalization.mean, spec.normalization.std)
     train_set = CachedDataset(
         cache, train_idx, augment=cfg.data.augment, seed=seed, with_mask=True, normalize=norm
@@ -293,16 +299,22 @@ def build_segmentation(
     val_set = (
         CachedDataset(cache, val_idx, seed=seed, with_mask=True, normalize=norm) if val_idx.size else None
     )
+    if val_set is None:
+        log.warning("split %r has no image with a mask: no validation, no best.pt", cfg.data.val_split)
     vis = None
     if s.n_vis > 0:
         source = val_set or CachedDataset(cache, train_idx, seed=seed, with_mask=True, normalize=norm)
-        vis = default_collate([source[k] for k in range(min(s.n_vis, len(source)))])
-        vis = {k: v for k, v in vis.items() if k in ("image", "mask")}
+        batch = default_collate([source[k] for k in range(min(s.n_vis, len(source)))])
+        vis = {k: batch[k] for k in ("image", "mask")}
     extra = {
-        "init": _report_dict(report, s.init),
-        "cache": str(cfg.data.cache),
+        "init": init,
+        "cache": str(Path(cfg.data.cache).resolve()),
         "manifest_hash": cache.index.get("manifest_hash"),
         "train_split": cfg.data.train_split,
+        "n_train": len(train_set),
     }
-    task = SegmentationTask(model, spec, (s.lambda_dice, s.lambda_ce), vis, extra)
-    return task, train_set, val_set
+    return (
+        SegmentationTask(model, spec, (s.lambda_dice, s.lambda_ce), vis, extra, s.vis_every),
+        train_set,
+        val_set,
+    )
