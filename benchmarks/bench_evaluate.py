@@ -18,9 +18,17 @@ from pathlib import Path
 
 import torch
 
-from sscxr.data.cache import prepare
+from sscxr.data.cache import ImageCache, prepare
 from sscxr.data.synth import SynthConfig, generate_cohort
-from sscxr.evaluation import EvalOptions, ModelSpec, SplitSpec, TestSpec, evaluate_models, parse_threshold
+from sscxr.evaluation import (
+    EvalOptions,
+    ModelSpec,
+    SplitSpec,
+    TestSpec,
+    evaluate_models,
+    parse_threshold,
+    predict,
+)
 from sscxr.evaluation.predict import resolve_device
 from sscxr.models.classifier import ViTClassifier, export_classifier, load_classifier
 from sscxr.models.loading import Normalization
@@ -78,6 +86,18 @@ def main() -> None:
         batch_size=args.batch,
         device=args.device,
         precision=args.precision,
+        progress=False,
+    )
+    # Warm-up (thread pools, allocator, kernels): the timings below are steady-state.
+    warm = ImageCache.open(cache)
+    predict(
+        spec.model,
+        spec.meta,
+        warm,
+        warm.indices()[: args.batch],
+        args.batch,
+        args.device,
+        args.precision,
         progress=False,
     )
     start = time.perf_counter()

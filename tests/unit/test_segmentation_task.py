@@ -27,19 +27,31 @@ from sscxr.evaluation.segmentation import (
     cache_pixel_spacing,
     parse_model_spec,
     parse_test_spec,
+    predict_mask,
     summarize_records,
 )
 from sscxr.metrics.segmentation import segmentation_metrics
 from sscxr.models.gmml import GMMLModel
 from sscxr.models.loading import Normalization, export_encoder
+from sscxr.models.unetr import Segmenter, SegmenterSpec, build_unetr
 from sscxr.models.vit import ViTConfig, build_vit
 from sscxr.reports.segmentation import fmt_summary, paper_table, per_image_csv
 from sscxr.tasks.segmentation import SegmentConfig, _dice_iou, build_segmentation
 
 # A tiny ViT at 64 px (patch 8: 3 decoder levels) and a narrow decoder: trains in seconds on a CPU.
-TINY = ["model.img_size=64", "model.patch_size=8", "model.embed_dim=32", "model.depth=4", "model.num_heads=2",
-        "model.drop_path_rate=0.0", "seg.feature_size=8", "seg.n_vis=2", "train.workers=0",
-        "train.progress=false", "train.checkpoint_every=0"]  # fmt: skip
+TINY = [
+    "model.img_size=64",
+    "model.patch_size=8",
+    "model.embed_dim=32",
+    "model.depth=4",
+    "model.num_heads=2",
+    "model.drop_path_rate=0.0",
+    "seg.feature_size=8",
+    "seg.n_vis=2",
+    "train.workers=0",
+    "train.progress=false",
+    "train.checkpoint_every=0",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -88,9 +100,17 @@ def test_paper_defaults() -> None:
 
 
 def test_overfits_synthetic_lungs_and_exports_best(cache: Path, tmp_path: Path) -> None:
-    cfg = _cfg(cache, "data.augment.enabled=false", "data.val_split=train", "optim.lr=3e-3",
-               "optim.warmup_epochs=0", "train.epochs=40", "train.batch_size=8", "train.val_every=10",
-               "train.log_every=10")  # fmt: skip
+    cfg = _cfg(
+        cache,
+        "data.augment.enabled=false",
+        "data.val_split=train",
+        "optim.lr=3e-3",
+        "optim.warmup_epochs=0",
+        "train.epochs=40",
+        "train.batch_size=8",
+        "train.val_every=10",
+        "train.log_every=10",
+    )
     torch.manual_seed(0)
     task, train_set, val_set = build_segmentation(cfg, seed=0)
     assert all(k.startswith("model.") for k in task.state_dict())  # the loss adds no state
@@ -155,13 +175,34 @@ def test_validation_dice_policy() -> None:
 # ------------------------------------------------------------------------------- evaluation
 def test_cache_pixel_spacing_follows_the_resize() -> None:
     def stub(fit: str) -> SimpleNamespace:
-        return SimpleNamespace(size=100, fit=fit, pixel_spacing=lambda i: (0.2, 0.1) if i == 0 else None,
-                               original_shape=lambda i: (1000, 500))  # fmt: skip
+        return SimpleNamespace(
+            size=100,
+            fit=fit,
+            pixel_spacing=lambda i: (0.2, 0.1) if i == 0 else None,
+            original_shape=lambda i: (1000, 500),
+        )
 
     assert cache_pixel_spacing(stub("stretch"), 0) == pytest.approx((2.0, 0.5))  # type: ignore[arg-type]
     # Letterbox: 1000 x 500 -> 100 x 50, one scale for both axes.
     assert cache_pixel_spacing(stub("pad"), 0) == pytest.approx((2.0, 1.0))  # type: ignore[arg-type]
     assert cache_pixel_spacing(stub("pad"), 1) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fit", ["stretch", "pad"])
+def test_predict_mask_maps_back_to_the_original_geometry(fit: str) -> None:
+    """A stand-in model whose lung probability is the framed image itself: the mask must be the image."""
+    spec = SegmenterSpec(
+        vit=ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2),
+        normalization=Normalization(0.0, 1.0),
+        fit=fit,
+    )
+    seg = Segmenter(build_unetr(spec), spec)
+    seg.probabilities = lambda images, amp=True: images[:, 0].float()  # type: ignore[method-assign]
+    image = np.zeros((40, 90), dtype=np.float32)
+    image[5:30, 10:50] = 1.0  # a bright block off centre
+    mask = predict_mask(seg, image)
+    assert mask.shape == (40, 90)
+    assert (mask == (image > 0.5)).mean() > 0.97
 
 
 def test_parse_specs() -> None:
@@ -186,8 +227,18 @@ def _evaluation() -> SegEvaluation:
     for r in records:
         r.metrics_pp = r.metrics
     summary = summarize_records(records, False, n_boot=50, seed=0)
-    return SegEvaluation("m", "runs/m", SegTestSpec("t", Path("c")), records, summary, summary,
-                         np.zeros((3, 16, 16), bool), 16, 0.5, 1)  # fmt: skip
+    return SegEvaluation(
+        "m",
+        "runs/m",
+        SegTestSpec("t", Path("c")),
+        records,
+        summary,
+        summary,
+        np.zeros((3, 16, 16), bool),
+        16,
+        0.5,
+        1,
+    )
 
 
 def test_undefined_hd_is_counted_never_zero() -> None:

@@ -36,9 +36,16 @@ def _unetr(cfg: ViTConfig = TINY, seed: int = 0, **kw: object) -> UNETR:
 # ------------------------------------------------------------------------------- skip blocks
 @pytest.mark.parametrize(
     ("depth", "n", "expected"),
-    [(12, 4, (3, 6, 9, 12)), (6, 4, (2, 3, 5, 6)), (12, 3, (4, 8, 12)), (4, 4, (1, 2, 3, 4)),
-     (4, 3, (1, 3, 4)), (24, 4, (6, 12, 18, 24)), (5, 1, (5,))],
-)  # fmt: skip
+    [
+        (12, 4, (3, 6, 9, 12)),
+        (6, 4, (2, 3, 5, 6)),
+        (12, 3, (4, 8, 12)),
+        (4, 4, (1, 2, 3, 4)),
+        (4, 3, (1, 3, 4)),
+        (24, 4, (6, 12, 18, 24)),
+        (5, 1, (5,)),
+    ],
+)
 def test_skip_blocks_evenly_spaced(depth: int, n: int, expected: tuple[int, ...]) -> None:
     assert skip_blocks(depth, n) == expected
 

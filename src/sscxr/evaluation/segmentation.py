@@ -257,23 +257,30 @@ def collect_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path,
         DataError: an input does not exist, or nothing to segment was found.
     """
     found: dict[Path, Path] = {}
+    taken: set[Path] = set()
     for item in map(Path, inputs):
         if item.is_dir():
             files = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
-            for f in files:
-                if is_image_file(f):
-                    rel = f.relative_to(item)
-                    found.setdefault(f, rel.parent / f"{rel.stem}_mask.png")
+            pairs = [(f, f.relative_to(item)) for f in files if is_image_file(f)]
         elif item.exists():
-            found.setdefault(item, Path(f"{item.stem}_mask.png"))
+            pairs = [(item, Path(item.name))]
         else:
             raise DataError(f"{item}: no such file or folder")
+        for src, rel in pairs:
+            if src not in found:
+                found[src] = _free_name(rel.parent / f"{rel.stem}_mask.png", taken)
+                taken.add(found[src])
     if not found:
         raise DataError(f"no image files found in {', '.join(map(str, inputs))}")
-    outs = [o for o in found.values()]
-    if len(set(outs)) != len(outs):  # two explicit files with one stem: keep them apart by index
-        found = {p: o.parent / f"{o.stem}_{k:04d}.png" for k, (p, o) in enumerate(found.items())}
     return list(found.items())
+
+
+def _free_name(name: Path, taken: set[Path]) -> Path:
+    """`name`, or `<stem>_2.png`, `_3`... when another input already writes there (same stem)."""
+    k, out = 2, name
+    while out in taken:
+        out, k = name.with_name(f"{name.stem}_{k}{name.suffix}"), k + 1
+    return out
 
 
 def predict_mask(segmenter: Segmenter, image: np.ndarray, postprocess: bool = False) -> np.ndarray:

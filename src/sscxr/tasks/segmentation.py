@@ -265,6 +265,25 @@ def _mask_indices(cache: ImageCache, split: str) -> np.ndarray:
     return keep
 
 
+def _datasets(
+    cfg: SegmentConfig, cache: ImageCache, norm: Normalization, seed: int
+) -> tuple[CachedDataset, CachedDataset | None, Batch | None]:
+    """(train set (augmented, paired geometry), val set or None, fixed overlay batch or None)."""
+    train_idx, val_idx = _mask_indices(cache, cfg.data.train_split), _mask_indices(cache, cfg.data.val_split)
+    if train_idx.size == 0:
+        raise DataError(f"{cache.root}: no images with masks in split {cfg.data.train_split!r}.")
+    kw: dict[str, Any] = {"seed": seed, "with_mask": True, "normalize": (norm.mean, norm.std)}
+    train_set = CachedDataset(cache, train_idx, augment=cfg.data.augment, **kw)
+    val_set = CachedDataset(cache, val_idx, **kw) if val_idx.size else None
+    if val_set is None:
+        log.warning("split %r has no image with a mask: no validation, no best.pt", cfg.data.val_split)
+    if cfg.seg.n_vis == 0:
+        return train_set, val_set, None
+    source = val_set or CachedDataset(cache, train_idx, **kw)
+    batch = default_collate([source[k] for k in range(min(cfg.seg.n_vis, len(source)))])
+    return train_set, val_set, {k: batch[k] for k in ("image", "mask")}
+
+
 def build_segmentation(
     cfg: SegmentConfig, seed: int
 ) -> tuple[SegmentationTask, CachedDataset, CachedDataset | None]:
@@ -280,9 +299,6 @@ def build_segmentation(
             f"{cfg.model.img_size}: set model.img_size={cache.size} or prepare a cache with --size "
             f"{cfg.model.img_size}."
         )
-    train_idx, val_idx = _mask_indices(cache, cfg.data.train_split), _mask_indices(cache, cfg.data.val_split)
-    if train_idx.size == 0:
-        raise DataError(f"{cache.root}: no images with masks in split {cfg.data.train_split!r}.")
     s = cfg.seg
     spec = SegmenterSpec(
         vit=cfg.model, normalization=Normalization(*cache.stats), out_channels=s.out_channels,
@@ -292,20 +308,7 @@ def build_segmentation(
     model = build_unetr(spec)
     init = init_encoder(model, s.init, s.init_path, spec.normalization)
     spec = replace(spec, normalization=Normalization(**init["normalization"]), blocks=model.blocks)
-    norm = (spec.normalization.mean, spec.normalization.std)
-    train_set = CachedDataset(
-        cache, train_idx, augment=cfg.data.augment, seed=seed, with_mask=True, normalize=norm
-    )
-    val_set = (
-        CachedDataset(cache, val_idx, seed=seed, with_mask=True, normalize=norm) if val_idx.size else None
-    )
-    if val_set is None:
-        log.warning("split %r has no image with a mask: no validation, no best.pt", cfg.data.val_split)
-    vis = None
-    if s.n_vis > 0:
-        source = val_set or CachedDataset(cache, train_idx, seed=seed, with_mask=True, normalize=norm)
-        batch = default_collate([source[k] for k in range(min(s.n_vis, len(source)))])
-        vis = {k: batch[k] for k in ("image", "mask")}
+    train_set, val_set, vis = _datasets(cfg, cache, spec.normalization, seed)
     extra = {
         "init": init,
         "cache": str(Path(cfg.data.cache).resolve()),
@@ -313,8 +316,5 @@ def build_segmentation(
         "train_split": cfg.data.train_split,
         "n_train": len(train_set),
     }
-    return (
-        SegmentationTask(model, spec, (s.lambda_dice, s.lambda_ce), vis, extra, s.vis_every),
-        train_set,
-        val_set,
-    )
+    task = SegmentationTask(model, spec, (s.lambda_dice, s.lambda_ce), vis, extra, s.vis_every)
+    return task, train_set, val_set
