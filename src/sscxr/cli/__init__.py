@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from sscxr import __version__
-from sscxr.cli import data_cmds, demo, evaluate_cmds, segment_cmds, train_cmds
+from sscxr.cli import classify_cmds, data_cmds, demo, evaluate_cmds, segment_cmds, train_cmds
 from sscxr.errors import SSCXRError
 
 log = logging.getLogger("sscxr")
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data_cmds.register(sub)
     train_cmds.register(sub)
+    classify_cmds.register(sub)
     segment_cmds.register(sub)
     evaluate_cmds.register(sub)
     demo.register(sub)

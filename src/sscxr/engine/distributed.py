@@ -156,9 +156,13 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 def _cpu_has_native_bf16() -> bool:
-    # Without AVX512-bf16 / AMX, bf16 on CPU is emulated and slower than float32.
+    """Whether bf16 matmuls beat float32 on this CPU: only with AMX tiles.
+
+    AVX512-BF16 alone is not enough: on such a CPU (no AMX) oneDNN's bf16 matmul ran at 165 GFLOP/s
+    against 325 for float32, and a ViT-S training step was 1.6x slower under bf16 autocast.
+    """
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 
