@@ -97,7 +97,7 @@ def test_bootstrap_metrics_shares_resamples() -> None:
     scores = np.stack([1 - p, p], 1)
 
     def fn(yy: np.ndarray, ss: np.ndarray) -> dict:
-        r = classification_metrics(yy, ss, ["n", "p"])
+        r = classification_metrics(yy, ss, ["n", "p"], fast_auc=True)
         return {"auc": r.macro_auc_roc, "acc": r.accuracy, "sens": r.row("p").sensitivity}
 
     out = bootstrap_metrics(y, scores, g, fn, n_boot=150, seed=4)

@@ -286,3 +286,19 @@ def test_accumulator_gathers_across_two_gloo_ranks(tmp_path) -> None:
     y, s = _binary_example()
     assert got["n"] == 10
     assert got["flat"] == pytest.approx(classification_metrics(y, s, ["n", "p"]).flat())
+
+
+def test_point_aucs_come_from_sklearn_and_equal_the_fast_path() -> None:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 200)
+    s = rng.dirichlet(np.ones(3), 200)
+    s = np.round(s, 2)  # ties
+    exact = classification_metrics(y, s, ["a", "b", "c"])
+    fast = classification_metrics(y, s, ["a", "b", "c"], fast_auc=True)
+    for k, (re, rf) in enumerate(zip(exact.rows, fast.rows, strict=True)):
+        assert re.auc_roc.value == roc_auc_score(y == k, s[:, k])
+        assert re.auc_pr.value == average_precision_score(y == k, s[:, k])
+        assert abs(re.auc_roc.value - rf.auc_roc.value) < 1e-12
+        assert abs(re.auc_pr.value - rf.auc_pr.value) < 1e-12

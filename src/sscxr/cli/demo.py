@@ -1,58 +1,99 @@
 """`sscxr demo`: the main job on the built-in synthetic cohort, end to end, on a laptop CPU.
 
-Each stage writes into its own folder under `--out` and is skipped when its output is already complete,
-so an interrupted demo resumes where it stopped.
+Every stage is an ordinary `sscxr` command (printed before it runs, so it can be repeated by hand) and
+writes into its own folder under `--out`. Training stages resume from their run folder, so an
+interrupted demo continues where it stopped.
+
+Stages: synthetic cohort -> cache -> GMML pre-training (shared) -> classifiers fine-tuned on a small
+labelled subset from scratch and from the GMML encoder (SS-CXR) -> evaluation on the training
+distribution, an unseen site and the pediatric subset -> lung segmenters (scratch, SS-CXR) -> reports.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import shlex
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from sscxr.errors import SSCXRError
+
+# Encoder starts compared, as the paper's rows: name -> extra fine-tuning overrides (pre-training folder
+# substituted for {pre}). SS-IN (ImageNet weights) needs a file the user downloaded: see the README.
+STARTS = {"scratch": [], "ss-cxr": ["{key}.init=sscxr", "{key}.init_path={pre}"]}
 
 
-def _stage(name: str) -> float:
-    print(f"\n== {name} ==", flush=True)
-    return time.perf_counter()
+def _run(argv: list[str]) -> None:
+    """Run one `sscxr` command in this process; raise if it fails."""
+    from sscxr.cli import main
+
+    print("   $ sscxr " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    code = main(argv)
+    if code:
+        raise SSCXRError(f"demo stage failed: sscxr {argv[0]} exited with {code} (fix it, then re-run the demo)")
 
 
-def _done(t0: float) -> None:
+def _stage(title: str, steps: list[list[str]]) -> None:
+    print(f"\n== {title} ==", flush=True)
+    t0 = time.perf_counter()
+    for argv in steps:
+        _run(argv)
     print(f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
+def _starts(key: str, pre: Path) -> dict[str, list[str]]:
+    return {name: [o.format(key=key, pre=pre) for o in extra] for name, extra in STARTS.items()}
+
+
+def _classification(args: argparse.Namespace, out: Path, cache: Path) -> None:
+    runs = out / "classify"
+    steps = []
+    for name, extra in _starts("classify", out / "pretrain").items():
+        steps.append(["finetune", "-c", "classify/tiny", f"data.cache={cache}", f"classify.task={args.task}",
+                      f"classify.labelled_fraction={args.labelled_fraction}", f"train.seed={args.seed}",
+                      *extra, "--out", str(runs / name)])
+    models = [a for name in STARTS for a in ("--model", f"{name}={runs / name}")]
+    tests = ["--test", f"training distribution={cache}:test", "--test", f"unseen site={cache}:test_site",
+             "--test", f"pediatric={cache}:test_pediatric"]
+    steps.append(["evaluate", *models, *tests, "--val", f"{cache}:val", "--threshold", "youden",
+                  "--n-boot", str(args.n_boot), "--out", str(out / "report_classification")])
+    _stage(f"4. classification ({args.task}, {args.labelled_fraction:.0%} of the labels)", steps)
+
+
+def _segmentation(args: argparse.Namespace, out: Path, cache: Path) -> None:
+    runs = out / "segment"
+    steps = []
+    for name, extra in _starts("seg", out / "pretrain").items():
+        steps.append(["segment", "train", "-c", "segment/tiny", f"data.cache={cache}", f"train.seed={args.seed}",
+                      *(extra or ["seg.init=scratch"]), "--out", str(runs / name)])
+    models = [a for name in STARTS for a in ("--model", f"{name}={runs / name}")]
+    steps.append(["segment", "evaluate", *models, "--test", f"training distribution={cache}:test",
+                  "--test", f"unseen site={cache}:test_site", "--postprocess", "--n-boot", str(args.n_boot),
+                  "--out", str(out / "report_segmentation")])
+    _stage("5. lung segmentation (UNETR)", steps)
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    """Synthetic cohort -> cache -> GMML pre-training (-> fine-tuning and reports, see later stages)."""
-    from sscxr.cli.train_cmds import run_pretrain
-    from sscxr.data.cache import prepare
-    from sscxr.data.synth import SynthConfig, generate_cohort
-
+    """The whole main job; returns 0 when every stage succeeded."""
     out = Path(args.out)
-    t0 = _stage("1. synthetic cohort")
-    cfg = SynthConfig(n_adult=args.n_adult, n_pediatric=args.n_pediatric, size=args.synth_size, seed=args.seed)
-    manifest = generate_cohort(cfg, out / "cohort")
-    print(f"   manifest {manifest}; contact sheet {out / 'cohort' / 'contact_sheet.png'}")
-    _done(t0)
-
-    t0 = _stage("2. image cache")
-    report = prepare(manifest, out / "cache", size=args.size)
-    print(f"   {report.n_done} images ready at {args.size} px in {out / 'cache'} ({report.n_failed} failed)")
-    _done(t0)
-
-    t0 = _stage("3. GMML pre-training")
-    overrides = [f"data.cache={out / 'cache'}", f"model.img_size={args.size}", f"train.seed={args.seed}"]
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    pre_args = argparse.Namespace(
-        config=[args.config], overrides=overrides + list(args.overrides), out=out / "pretrain",
-        resume="auto", device=args.device, verbose=False,
-    )
-    result = run_pretrain(pre_args)
-    print(f"   {result.state.step} steps; reconstructions in {out / 'pretrain' / 'recon'}; "
-          f"encoder {out / 'pretrain' / 'encoder.safetensors'}")
-    _done(t0)
+    cohort, cache = out / "cohort", out / "cache"
+    _stage("1. synthetic cohort", [["synth", "--out", str(cohort), "--n-adult", str(args.n_adult),
+                                    "--n-pediatric", str(args.n_pediatric), "--size", str(args.synth_size),
+                                    "--seed", str(args.seed)]])
+    _stage("2. image cache", [["prepare", str(cohort / "manifest.csv"), "--out", str(cache),
+                               "--size", str(args.size)]])
+    pre = ["pretrain", "-c", args.config, f"data.cache={cache}", f"model.img_size={args.size}",
+           f"train.seed={args.seed}", *args.overrides, "--out", str(out / "pretrain")]
+    if args.pretrain_epochs is not None:
+        pre.insert(-2, f"train.epochs={args.pretrain_epochs}")
+    _stage("3. GMML pre-training", [pre])
+    if not args.pretrain_only:
+        _classification(args, out, cache)
+        _segmentation(args, out, cache)
+    print(f"\ndone. Contact sheet: {cohort / 'contact_sheet.png'}; reconstructions: {out / 'pretrain' / 'recon'}")
+    if not args.pretrain_only:
+        print(f"reports: {out / 'report_classification' / 'report.html'}, "
+              f"{out / 'report_segmentation' / 'report.html'}")
     return 0
 
 
@@ -66,7 +107,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--n-pediatric", type=int, default=90)
     p.add_argument("--synth-size", type=int, default=256, help="size of the generated PNGs")
     p.add_argument("--size", type=int, default=128, help="cache/model image size")
-    p.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: the config's)")
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="default: the config's")
+    p.add_argument("--task", default="healthy_vs_pathology", help="classification task")
+    p.add_argument("--labelled-fraction", type=float, default=0.3, help="share of training patients labelled")
+    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for the intervals")
+    p.add_argument("--pretrain-only", action="store_true", help="stop after pre-training")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=run_demo)

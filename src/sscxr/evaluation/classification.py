@@ -153,14 +153,20 @@ def choose_threshold(
 
 # --------------------------------------------------------------------------------------------- metrics
 def metric_summary(
-    y: np.ndarray, probs: np.ndarray, class_names: Sequence[str], threshold: float | None, n_bins: int = 15
+    y: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    threshold: float | None,
+    n_bins: int = 15,
+    fast_auc: bool = False,
 ) -> dict[str, MetricValue]:
     """Every reported metric as ``{"<class>/<metric>": MetricValue, "all/<metric>": ...}``.
 
     This is the function bootstrapped: each resample of patients calls it once, so all metrics share
-    the same resamples.
+    the same resamples. Point estimates take their AUCs from scikit-learn; resamples (`fast_auc`) from
+    the metrics module's equal, faster implementation.
     """
-    res = classification_metrics(y, probs, class_names, threshold)
+    res = classification_metrics(y, probs, class_names, threshold, fast_auc=fast_auc)
     out: dict[str, MetricValue] = {
         f"{ALL}/accuracy": res.accuracy,
         f"{ALL}/balanced_accuracy": res.balanced_accuracy,
@@ -298,7 +304,8 @@ def evaluate_arrays(
     if n_boot > 0:
 
         def summary(yy: np.ndarray, ss: np.ndarray) -> dict[str, MetricValue]:
-            return metric_summary(yy, ss, class_names, threshold, n_bins)  # the threshold stays frozen
+            # The threshold stays frozen; AUCs of resamples come from the fast path (equal to sklearn).
+            return metric_summary(yy, ss, class_names, threshold, n_bins, fast_auc=True)
 
         cis = bootstrap_metrics(y, probs, groups, summary, n_boot=n_boot, alpha=alpha, seed=seed)
     pred = predict_classes(probs, threshold)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import precision_recall_curve, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 RATE_NAMES = ("sensitivity", "specificity", "fpr", "fnr", "precision", "npv", "accuracy", "f1")
 
@@ -151,6 +151,17 @@ def auc_roc(y_bin: np.ndarray, score: np.ndarray) -> MetricValue:
     return defined((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def sklearn_aucs(y_bin: np.ndarray, score: np.ndarray) -> tuple[MetricValue, MetricValue]:
+    """(AUC-ROC, AUC-PR) from scikit-learn itself, with the same undefined cases as `auc_roc` and
+    `average_precision`. Used for every reported point estimate; bootstrap resamples use the fast,
+    equal (tested to 1e-12) implementations above."""
+    y = np.asarray(y_bin, dtype=bool)
+    roc = auc_roc(y, score)  # only for the undefined check and its reason
+    roc = defined(float(roc_auc_score(y, score))) if roc.defined else roc
+    pr = defined(float(average_precision_score(y, score))) if y.any() else undefined("no positive samples in y_true")
+    return roc, pr
+
+
 def average_precision(y_bin: np.ndarray, score: np.ndarray) -> MetricValue:
     """AUC-PR, computed as average precision: sum over thresholds of (R_k - R_{k-1}) * P_k.
 
@@ -262,7 +273,7 @@ def predict(scores: np.ndarray, threshold: float | None = None) -> np.ndarray:
     return (s[:, 1] >= threshold).astype(np.int64)
 
 
-def _class_row(name: str, k: int, cm: np.ndarray, y: np.ndarray, s: np.ndarray) -> ClassRow:
+def _class_row(name: str, k: int, cm: np.ndarray, y: np.ndarray, s: np.ndarray, fast: bool) -> ClassRow:
     tp = int(cm[k, k])
     fn = int(cm[k].sum()) - tp
     fp = int(cm[:, k].sum()) - tp
@@ -271,7 +282,8 @@ def _class_row(name: str, k: int, cm: np.ndarray, y: np.ndarray, s: np.ndarray) 
     return ClassRow(
         name, tp + fn, tp, fp, tn, fn,
         r["sensitivity"], r["specificity"], r["fpr"], r["fnr"], r["precision"], r["npv"], r["f1"],
-        auc_roc(y == k, s[:, k]), average_precision(y == k, s[:, k]),
+        *((auc_roc(y == k, s[:, k]), average_precision(y == k, s[:, k])) if fast
+          else sklearn_aucs(y == k, s[:, k])),
     )  # fmt: skip
 
 
@@ -288,6 +300,7 @@ def classification_metrics(
     scores: np.ndarray,
     class_names: Sequence[str],
     threshold: float | None = None,
+    fast_auc: bool = False,
 ) -> ClassificationResult:
     """Per-class one-vs-rest rates and AUCs, accuracy, balanced accuracy, macro AUCs, confusion matrix.
 
@@ -296,6 +309,8 @@ def classification_metrics(
         scores: (N, C) class probabilities.
         class_names: C names.
         threshold: binary tasks only: predict class 1 when ``scores[:, 1] >= threshold``; None = arg-max.
+        fast_auc: compute the AUCs with this module's rank-based implementations (for bootstrap
+            resamples, where scikit-learn's per-call validation dominates) instead of scikit-learn.
     Returns:
         ClassificationResult. For C = 2 the macro AUCs are those of class 1 (the positive class), as in
         sklearn's binary ``roc_auc_score``; for C > 2 they are the mean of the one-vs-rest AUCs and are
@@ -308,7 +323,7 @@ def classification_metrics(
     if s.ndim != 2 or s.shape[1] != len(names):
         raise ValueError(f"scores must be (N, {len(names)}) for classes {names}, got {s.shape}")
     cm = confusion(y, predict(s, threshold), len(names))
-    rows = tuple(_class_row(n, k, cm, y, s) for k, n in enumerate(names))
+    rows = tuple(_class_row(n, k, cm, y, s, fast_auc) for k, n in enumerate(names))
     recalls = [r.sensitivity.value for r in rows if r.support > 0]
     bal = defined(float(np.mean(recalls))) if recalls else undefined("no samples")
     if len(names) == 2:
