@@ -62,7 +62,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype | None) -> float:
     return 2 * 4096**3 * n / (time.perf_counter() - t0)
 
 
-def bare_step(cfg: PretrainConfig, device: torch.device, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+def bare_step(
+    cfg: PretrainConfig, device: torch.device, batch: int, steps: int, warmup: int
+) -> tuple[float, float]:
     """(images/s, FLOPs per image) of the fastest plain timm ViT training step at these settings."""
     model = build_vit(cfg.model).to(device)
     x = torch.randn(batch, 1, cfg.model.img_size, cfg.model.img_size, device=device)
@@ -83,13 +85,16 @@ def bare_step(cfg: PretrainConfig, device: torch.device, batch: int, steps: int,
 
 
 def make_cache(root: Path, size: int, n: int) -> Path:
-    manifest = generate_cohort(SynthConfig(n_adult=n, n_pediatric=0, size=size, seed=0), root / "cohort",
-                               progress=False)
+    manifest = generate_cohort(
+        SynthConfig(n_adult=n, n_pediatric=0, size=size, seed=0), root / "cohort", progress=False
+    )
     prepare(manifest, root / "cache", size=size, progress=False)
     return root / "cache"
 
 
-def pretrain_step(cfg: PretrainConfig, device: torch.device, steps: int, warmup: int, run: Path) -> tuple[float, float]:
+def pretrain_step(
+    cfg: PretrainConfig, device: torch.device, steps: int, warmup: int, run: Path
+) -> tuple[float, float]:
     """(images/s, FLOPs per image) of the real engine's GMML step, measured after `warmup` steps."""
     task, train_set, _ = build_pretraining(cfg, seed=0)
     x = torch.stack([train_set[i]["corrupted"] for i in range(4)]).to(device)
@@ -108,9 +113,12 @@ def pretrain_step(cfg: PretrainConfig, device: torch.device, steps: int, warmup:
 def loader_speed(cfg: PretrainConfig, workers: int, batches: int) -> float:
     """Images/s of the GMML data pipeline alone (cache read, augmentation, corruption)."""
     cache = ImageCache.open(cfg.data.cache)
-    ds = GMMLDataset(cache, cache.indices(), cfg.gmml.corruption, cfg.model.patch_size, cfg.data.augment, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True)
+    ds = GMMLDataset(
+        cache, cache.indices(), cfg.gmml.corruption, cfg.model.patch_size, cfg.data.augment, seed=0
+    )
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=cfg.train.batch_size, shuffle=True, num_workers=workers, drop_last=True
+    )
     n, t0 = 0, time.perf_counter()
     while n < batches:
         for _ in loader:
@@ -140,28 +148,46 @@ def main() -> None:
     peak = (args.peak_tflops or (0.93 if device.type == "cpu" else 989.0)) * 1e12
     with tempfile.TemporaryDirectory() as tmp:
         cache = make_cache(Path(tmp), args.size, n=max(64, 2 * args.batch))
-        cfg = load_config(PretrainConfig, [args.config], [
-            f"data.cache={cache}", f"model.img_size={args.size}", f"train.batch_size={args.batch}",
-            f"train.workers={workers}", f"model.fused_attn={str(args.fused_attn).lower()}",
-            "train.progress=false", "train.checkpoint_every=0", "train.epochs=1000", f"train.amp={args.amp}",
-        ])
+        cfg = load_config(
+            PretrainConfig,
+            [args.config],
+            [
+                f"data.cache={cache}",
+                f"model.img_size={args.size}",
+                f"train.batch_size={args.batch}",
+                f"train.workers={workers}",
+                f"model.fused_attn={str(args.fused_attn).lower()}",
+                "train.progress=false",
+                "train.checkpoint_every=0",
+                "train.epochs=1000",
+                f"train.amp={args.amp}",
+            ],
+        )
         dtype = resolve_amp(args.amp, device)
         measured = matmul_peak(device, dtype)
-        print(f"device {device}, threads {torch.get_num_threads()}, amp {dtype}, "
-              f"batch {args.batch}, {args.size} px, fused_attn {args.fused_attn}, loader workers {workers}")
-        print(f"MFU against the stated peak {peak / 1e12:.3f} TFLOP/s; measured {measured / 1e12:.3f} TFLOP/s "
-              f"for a 4096^3 matmul in {dtype or torch.float32} (MFU vs it in brackets)")
+        print(
+            f"device {device}, threads {torch.get_num_threads()}, amp {dtype}, "
+            f"batch {args.batch}, {args.size} px, fused_attn {args.fused_attn}, loader workers {workers}"
+        )
+        print(
+            f"MFU against the stated peak {peak / 1e12:.3f} TFLOP/s; measured {measured / 1e12:.3f} TFLOP/s "
+            f"for a 4096^3 matmul in {dtype or torch.float32} (MFU vs it in brackets)"
+        )
         results = {}
         if args.only in (None, "bare"):
             ips, flops = bare_step(cfg, device, args.batch, args.steps, args.warmup)
             results["bare"] = (ips, flops)
-            print(f"bare timm ViT step : {ips:7.2f} img/s, {flops / 1e9:6.1f} GFLOP/img, "
-                  f"MFU {ips * flops / peak:6.1%} ({ips * flops / measured:6.1%})")
+            print(
+                f"bare timm ViT step : {ips:7.2f} img/s, {flops / 1e9:6.1f} GFLOP/img, "
+                f"MFU {ips * flops / peak:6.1%} ({ips * flops / measured:6.1%})"
+            )
         if args.only in (None, "pretrain"):
             ips, flops = pretrain_step(cfg, device, args.steps, args.warmup, Path(tmp) / "run")
             results["pretrain"] = (ips, flops)
-            print(f"GMML pre-train step: {ips:7.2f} img/s, {flops / 1e9:6.1f} GFLOP/img, "
-                  f"MFU {ips * flops / peak:6.1%} ({ips * flops / measured:6.1%})")
+            print(
+                f"GMML pre-train step: {ips:7.2f} img/s, {flops / 1e9:6.1f} GFLOP/img, "
+                f"MFU {ips * flops / peak:6.1%} ({ips * flops / measured:6.1%})"
+            )
         if len(results) == 2:
             (bi, bf), (pi, pf) = results["bare"], results["pretrain"]
             print(f"MFU ratio pre-train / bare: {(pi * pf) / (bi * bf):.3f}")

@@ -44,13 +44,17 @@ _Yaml12Loader.add_implicit_resolver(
 
 # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as a float, as YAML 1.2 does.
 _Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
 )
 
 
 def load_yaml(text: str) -> Any:
     """Parse YAML text with 1.2 booleans (see `_Yaml12Loader`)."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    # yaml.load is safe here: _Yaml12Loader is a SafeLoader subclass (no arbitrary objects).
+    return yaml.load(text, Loader=_Yaml12Loader)
+
 
 #: Folder of the built-in configs (`-c tiny` finds `configs/tiny.yaml`).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,8 @@ TINY_MODEL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads slow tiny models down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one intra-op thread is faster on a shared CPU (fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -29,22 +29,49 @@ def _sscxr(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess[st
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", f"--master_port={port}",
-                    "-m", "sscxr"]
+        launcher = [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={torchrun}",
+            f"--master_port={port}",
+            "-m",
+            "sscxr",
+        ]
     else:
         launcher = ["-m", "sscxr"]
-    proc = subprocess.run([sys.executable, *launcher, *args], env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, f"sscxr {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = subprocess.run(
+        [sys.executable, *launcher, *args], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, (
+        f"sscxr {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
 def test_cli_pretrain_writes_run_folder(tiny_cache: Path, tmp_path: Path, tiny_overrides: list[str]) -> None:
     run = tmp_path / "run"
-    _sscxr(["pretrain", "-c", "tiny", *tiny_overrides, f"data.cache={tiny_cache}", "train.epochs=2",
-            "train.batch_size=4", "--out", str(run)])
-    for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "encoder.safetensors", "encoder.json",
-                 "recon/epoch_001.png", "recon/epoch_002.png"):
+    _sscxr(
+        [
+            "pretrain",
+            "-c",
+            "tiny",
+            *tiny_overrides,
+            f"data.cache={tiny_cache}",
+            "train.epochs=2",
+            "train.batch_size=4",
+            "--out",
+            str(run),
+        ]
+    )
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoints/last.pt",
+        "encoder.safetensors",
+        "encoder.json",
+        "recon/epoch_001.png",
+        "recon/epoch_002.png",
+    ):
         assert (run / name).is_file(), name
     assert "embed_dim: 32" in (run / "config.yaml").read_text()
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -57,16 +84,27 @@ def test_cli_pretrain_writes_run_folder(tiny_cache: Path, tmp_path: Path, tiny_o
     assert report.missing == [] and report.unexpected == []
     from safetensors.torch import load_file
 
-    plain = VisionTransformer(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=4, num_heads=2,
-                              num_classes=0)
+    plain = VisionTransformer(
+        img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=4, num_heads=2, num_classes=0
+    )
     result = plain.load_state_dict(load_file(run / "encoder.safetensors"), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
 
 
 def _fit(cache: Path, run: Path, max_steps: int, tiny: list[str]) -> dict[str, torch.Tensor]:
-    cfg = load_config(PretrainConfig, ["tiny"], [*tiny, f"data.cache={cache}", "train.epochs=3",
-                                                 "train.batch_size=4", f"train.max_steps={max_steps}",
-                                                 "train.amp=off", "model.drop_path_rate=0.1"])
+    cfg = load_config(
+        PretrainConfig,
+        ["tiny"],
+        [
+            *tiny,
+            f"data.cache={cache}",
+            "train.epochs=3",
+            "train.batch_size=4",
+            f"train.max_steps={max_steps}",
+            "train.amp=off",
+            "model.drop_path_rate=0.1",
+        ],
+    )
     seed_process(cfg.train.seed, rank=0)
     task, train_set, val_set = build_pretraining(cfg, seed=cfg.train.seed)
     fit(task, train_set, val_set, cfg.train, cfg.optim, run, None, None, resume="auto")
@@ -85,8 +123,16 @@ def test_gmml_resume_is_exact(tiny_cache: Path, tmp_path: Path, tiny_overrides: 
 @pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_two_processes_equal_one(tiny_cache: Path, tmp_path: Path, tiny_overrides: list[str]) -> None:
-    common = ["pretrain", "-c", "tiny", *tiny_overrides, f"data.cache={tiny_cache}", "train.epochs=1",
-              "train.amp=off", "train.max_steps=3"]
+    common = [
+        "pretrain",
+        "-c",
+        "tiny",
+        *tiny_overrides,
+        f"data.cache={tiny_cache}",
+        "train.epochs=1",
+        "train.amp=off",
+        "train.max_steps=3",
+    ]
     _sscxr([*common, "train.batch_size=8", "--out", str(tmp_path / "one")])
     _sscxr([*common, "train.batch_size=4", "--out", str(tmp_path / "two")], torchrun=2)
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["model"]

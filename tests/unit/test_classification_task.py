@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +40,8 @@ TINY_OVERRIDES = [
 LABELS = ["healthy", "pneumonia", "covid-19", "non-covid", "tuberculosis", ""]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads slow tiny models down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one intra-op thread is faster on a shared CPU (fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(label: str, rng: np.random.Generator) -> np.ndarray:

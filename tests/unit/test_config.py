@@ -24,7 +24,7 @@ def test_merge_order_defaults_yaml_overrides(tmp_path: Path) -> None:
 def test_unknown_key_suggests_nearest() -> None:
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.epoch'.*'train\.epochs'"):
         load_config(PretrainConfig, [], ["train.epoch=3"])
-    with pytest.raises(ConfigError, match="'gmml.corruption.p_replace'"):
+    with pytest.raises(ConfigError, match=r"'gmml\.corruption\.p_replace'"):
         load_config(PretrainConfig, [], ["gmml.corruption.p_replac=0.2"])
 
 
@@ -38,12 +38,13 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path: Path) -> None:
 def test_wrong_type_and_bad_value_are_config_errors() -> None:
     with pytest.raises(ConfigError):
         load_config(PretrainConfig, [], ["train.epochs=many"])
-    with pytest.raises(ConfigError, match="train.amp"):
+    with pytest.raises(ConfigError, match=r"train\.amp"):
         load_config(PretrainConfig, [], ["train.amp=fp8"])
 
 
 def test_yaml_12_booleans_and_floats() -> None:
-    assert load_yaml("a: off\nb: false\nc: 1e-4\nd: [6, 8]") == {"a": "off", "b": False, "c": 1e-4, "d": [6, 8]}
+    expected = {"a": "off", "b": False, "c": 1e-4, "d": [6, 8]}
+    assert load_yaml("a: off\nb: false\nc: 1e-4\nd: [6, 8]") == expected
     assert load_config(PretrainConfig, [], ["train.amp=off"]).train.amp == "off"
 
 
@@ -55,7 +56,8 @@ def test_builtin_configs_load_and_round_trip(tmp_path: Path) -> None:
         saved.write_text(config_to_yaml(cfg))
         assert load_config(PretrainConfig, [str(saved)]) == cfg
     s16 = load_config(PretrainConfig, ["pretrain/gmml_vit_s16"])
-    assert (s16.model.img_size, s16.model.patch_size, s16.model.embed_dim, s16.model.depth) == (256, 16, 384, 12)
+    m = s16.model
+    assert (m.img_size, m.patch_size, m.embed_dim, m.depth) == (256, 16, 384, 12)
     assert s16.gmml.recon_blocks == [6, 8, 10, 12] and s16.gmml.corruption.noise_ratio == (0.5, 0.7)
 
 

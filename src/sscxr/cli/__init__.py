@@ -48,5 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sscxr {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"sscxr {args.command}: interrupted; finished work is kept (re-run to resume).", file=sys.stderr)
+        print(
+            f"sscxr {args.command}: interrupted; finished work is kept (re-run to resume).", file=sys.stderr
+        )
         return 130

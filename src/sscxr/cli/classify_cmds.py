@@ -1,4 +1,7 @@
-"""Classification subcommands: `finetune` (on the one engine, like `pretrain`)."""
+"""Classification subcommands: `finetune` (on the one engine, like `pretrain`).
+
+Heavy modules are imported inside `run_finetune`, so building the parser stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,13 @@ import argparse
 import logging
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
+from sscxr.cli.train_cmds import add_config_args, run_training
 
-from sscxr.cli.train_cmds import add_config_args, resume_arg
-from sscxr.config import config_to_dict, load_config
-from sscxr.engine.distributed import cleanup, init_distributed
-from sscxr.engine.logging import setup_logging
-from sscxr.engine.trainer import FitResult, fit
+if TYPE_CHECKING:
+    from sscxr.cli.train_cmds import Built
+    from sscxr.engine.trainer import FitResult
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,7 @@ def run_finetune(args: argparse.Namespace) -> FitResult:
     """
     from sscxr.tasks.classification import FinetuneConfig, build_finetuning
 
-    cfg = load_config(FinetuneConfig, args.config or [DEFAULT_CONFIG], args.overrides)
-    dist = init_distributed(args.device)
-    setup_logging(dist.rank, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
-    # timm initialises new layers from torch's global RNG: the CLI seeds it once (style guide).
-    torch.manual_seed(cfg.train.seed + dist.rank)
-    try:
+    def build(cfg: FinetuneConfig) -> Built:
         task, train_set, val_set = build_finetuning(cfg, seed=cfg.train.seed, command=command_line(args))
         info = task.export_info
         log.info(
@@ -55,11 +51,9 @@ def run_finetune(args: argparse.Namespace) -> FitResult:
             task.label_task.name, ", ".join(task.label_task.class_names), len(train_set),
             len(val_set or []), info["init"]["mode"], info["excluded"],
         )  # fmt: skip
-        cfg_dict: dict[str, Any] = config_to_dict(cfg)
-        return fit(task, train_set, val_set, cfg.train, cfg.optim, args.out, dist, cfg_dict,
-                   resume=resume_arg(args.resume))  # fmt: skip
-    finally:
-        cleanup()
+        return task, train_set, val_set
+
+    return run_training(args, FinetuneConfig, DEFAULT_CONFIG, build)
 
 
 def _finetune(args: argparse.Namespace) -> int:

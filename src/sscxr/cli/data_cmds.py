@@ -1,13 +1,17 @@
-"""Data subcommands: `synth`, `import`, `split`, `prepare`."""
+"""Data subcommands: `synth`, `import`, `split`, `prepare`.
+
+The data modules are imported inside the functions that run a command, so building the parser stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sscxr.data import importers, splits
-from sscxr.data.manifest import Manifest, read_manifest, write_manifest
+if TYPE_CHECKING:
+    from sscxr.data.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +26,9 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from sscxr.data import importers
+    from sscxr.data.manifest import write_manifest
+
     layout = args.layout
     if layout == "folder":
         m = importers.import_folder(args.root, site=args.site)
@@ -37,11 +44,16 @@ def _import(args: argparse.Namespace) -> int:
         raise AssertionError(layout)
     m = _apply_splits(m, args)
     write_manifest(m, args.out)
-    print(f"wrote {args.out}: {len(m)} images; labels {dict(m.counts('label'))}; splits {dict(m.counts('split'))}")
+    print(
+        f"wrote {args.out}: {len(m)} images; "
+        f"labels {dict(m.counts('label'))}; splits {dict(m.counts('split'))}"
+    )
     return 0
 
 
 def _apply_splits(m: Manifest, args: argparse.Namespace) -> Manifest:
+    from sscxr.data import splits
+
     if args.hold_out_site:
         m = splits.hold_out_sites(m, args.hold_out_site)
     if args.split:
@@ -54,6 +66,8 @@ def _apply_splits(m: Manifest, args: argparse.Namespace) -> Manifest:
 
 
 def _split(args: argparse.Namespace) -> int:
+    from sscxr.data.manifest import read_manifest, write_manifest
+
     m = _apply_splits(read_manifest(args.manifest), args)
     write_manifest(m, args.out or args.manifest)
     print(f"splits: {dict(m.counts('split'))}")
@@ -63,8 +77,9 @@ def _split(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from sscxr.data.cache import prepare
 
-    report = prepare(args.manifest, args.out, size=args.size, fit=args.fit, workers=args.workers,
-                     overwrite=args.overwrite)
+    report = prepare(
+        args.manifest, args.out, size=args.size, fit=args.fit, workers=args.workers, overwrite=args.overwrite
+    )
     print(
         f"cache {args.out}: {report.n_done} ready ({report.n_skipped_already_done} were already done), "
         f"{report.n_failed} failed, {report.images_per_s:.1f} images/s"
@@ -76,7 +91,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="patient-level split fractions train,val,test (e.g. 0.7,0.15,0.15)")
-    p.add_argument("--hold-out-site", action="append", default=[], help="site kept out of training (test_site)")
+    p.add_argument(
+        "--hold-out-site", action="append", default=[], help="site kept out of training (test_site)"
+    )
     p.add_argument("--seed", type=int, default=0)
 
 

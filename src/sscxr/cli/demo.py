@@ -30,7 +30,9 @@ def _run(argv: list[str]) -> None:
     print("   $ sscxr " + " ".join(shlex.quote(a) for a in argv), flush=True)
     code = main(argv)
     if code:
-        raise SSCXRError(f"demo stage failed: sscxr {argv[0]} exited with {code} (fix it, then re-run the demo)")
+        raise SSCXRError(
+            f"demo stage failed: sscxr {argv[0]} exited with {code} (fix it, then re-run the demo)"
+        )
 
 
 def _stage(title: str, steps: list[list[str]]) -> None:
@@ -49,14 +51,44 @@ def _classification(args: argparse.Namespace, out: Path, cache: Path) -> None:
     runs = out / "classify"
     steps = []
     for name, extra in _starts("classify", out / "pretrain").items():
-        steps.append(["finetune", "-c", "classify/tiny", f"data.cache={cache}", f"classify.task={args.task}",
-                      f"classify.labelled_fraction={args.labelled_fraction}", f"train.seed={args.seed}",
-                      *extra, "--out", str(runs / name)])
+        steps.append(
+            [
+                "finetune",
+                "-c",
+                "classify/tiny",
+                f"data.cache={cache}",
+                f"classify.task={args.task}",
+                f"classify.labelled_fraction={args.labelled_fraction}",
+                f"train.seed={args.seed}",
+                *extra,
+                "--out",
+                str(runs / name),
+            ]
+        )
     models = [a for name in STARTS for a in ("--model", f"{name}={runs / name}")]
-    tests = ["--test", f"training distribution={cache}:test", "--test", f"unseen site={cache}:test_site",
-             "--test", f"pediatric={cache}:test_pediatric"]
-    steps.append(["evaluate", *models, *tests, "--val", f"{cache}:val", "--threshold", "youden",
-                  "--n-boot", str(args.n_boot), "--out", str(out / "report_classification")])
+    tests = [
+        "--test",
+        f"training distribution={cache}:test",
+        "--test",
+        f"unseen site={cache}:test_site",
+        "--test",
+        f"pediatric={cache}:test_pediatric",
+    ]
+    steps.append(
+        [
+            "evaluate",
+            *models,
+            *tests,
+            "--val",
+            f"{cache}:val",
+            "--threshold",
+            "youden",
+            "--n-boot",
+            str(args.n_boot),
+            "--out",
+            str(out / "report_classification"),
+        ]
+    )
     _stage(f"4. classification ({args.task}, {args.labelled_fraction:.0%} of the labels)", steps)
 
 
@@ -64,12 +96,36 @@ def _segmentation(args: argparse.Namespace, out: Path, cache: Path) -> None:
     runs = out / "segment"
     steps = []
     for name, extra in _starts("seg", out / "pretrain").items():
-        steps.append(["segment", "train", "-c", "segment/tiny", f"data.cache={cache}", f"train.seed={args.seed}",
-                      *(extra or ["seg.init=scratch"]), "--out", str(runs / name)])
+        steps.append(
+            [
+                "segment",
+                "train",
+                "-c",
+                "segment/tiny",
+                f"data.cache={cache}",
+                f"train.seed={args.seed}",
+                *(extra or ["seg.init=scratch"]),
+                "--out",
+                str(runs / name),
+            ]
+        )
     models = [a for name in STARTS for a in ("--model", f"{name}={runs / name}")]
-    steps.append(["segment", "evaluate", *models, "--test", f"training distribution={cache}:test",
-                  "--test", f"unseen site={cache}:test_site", "--postprocess", "--n-boot", str(args.n_boot),
-                  "--out", str(out / "report_segmentation")])
+    steps.append(
+        [
+            "segment",
+            "evaluate",
+            *models,
+            "--test",
+            f"training distribution={cache}:test",
+            "--test",
+            f"unseen site={cache}:test_site",
+            "--postprocess",
+            "--n-boot",
+            str(args.n_boot),
+            "--out",
+            str(out / "report_segmentation"),
+        ]
+    )
     _stage("5. lung segmentation (UNETR)", steps)
 
 
@@ -77,23 +133,54 @@ def run_demo(args: argparse.Namespace) -> int:
     """The whole main job; returns 0 when every stage succeeded."""
     out = Path(args.out)
     cohort, cache = out / "cohort", out / "cache"
-    _stage("1. synthetic cohort", [["synth", "--out", str(cohort), "--n-adult", str(args.n_adult),
-                                    "--n-pediatric", str(args.n_pediatric), "--size", str(args.synth_size),
-                                    "--seed", str(args.seed)]])
-    _stage("2. image cache", [["prepare", str(cohort / "manifest.csv"), "--out", str(cache),
-                               "--size", str(args.size)]])
-    pre = ["pretrain", "-c", args.config, f"data.cache={cache}", f"model.img_size={args.size}",
-           f"train.seed={args.seed}", *args.overrides, "--out", str(out / "pretrain")]
+    _stage(
+        "1. synthetic cohort",
+        [
+            [
+                "synth",
+                "--out",
+                str(cohort),
+                "--n-adult",
+                str(args.n_adult),
+                "--n-pediatric",
+                str(args.n_pediatric),
+                "--size",
+                str(args.synth_size),
+                "--seed",
+                str(args.seed),
+            ]
+        ],
+    )
+    _stage(
+        "2. image cache",
+        [["prepare", str(cohort / "manifest.csv"), "--out", str(cache), "--size", str(args.size)]],
+    )
+    pre = [
+        "pretrain",
+        "-c",
+        args.config,
+        f"data.cache={cache}",
+        f"model.img_size={args.size}",
+        f"train.seed={args.seed}",
+        *args.overrides,
+        "--out",
+        str(out / "pretrain"),
+    ]
     if args.pretrain_epochs is not None:
         pre.insert(-2, f"train.epochs={args.pretrain_epochs}")
     _stage("3. GMML pre-training", [pre])
     if not args.pretrain_only:
         _classification(args, out, cache)
         _segmentation(args, out, cache)
-    print(f"\ndone. Contact sheet: {cohort / 'contact_sheet.png'}; reconstructions: {out / 'pretrain' / 'recon'}")
+    print(
+        f"\ndone. Contact sheet: {cohort / 'contact_sheet.png'}; "
+        f"reconstructions: {out / 'pretrain' / 'recon'}"
+    )
     if not args.pretrain_only:
-        print(f"reports: {out / 'report_classification' / 'report.html'}, "
-              f"{out / 'report_segmentation' / 'report.html'}")
+        print(
+            f"reports: {out / 'report_classification' / 'report.html'}, "
+            f"{out / 'report_segmentation' / 'report.html'}"
+        )
     return 0
 
 

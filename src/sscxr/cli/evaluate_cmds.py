@@ -1,4 +1,8 @@
-"""Evaluation subcommands: `evaluate` (models x test sets -> report) and `report` (rebuild / combine)."""
+"""Evaluation subcommands: `evaluate` (models x test sets -> report) and `report` (rebuild / combine).
+
+The evaluation and report modules are imported inside the functions that run a command, so building
+the parser stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,13 @@ import argparse
 import logging
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sscxr.errors import ConfigError
-from sscxr.evaluation import (
-    EvalOptions,
-    ModelSpec,
-    TestSpec,
-    evaluate_models,
-    parse_split_spec,
-    parse_threshold,
-)
-from sscxr.reports.classification import ReportFiles, load_evaluations, write_report
+
+if TYPE_CHECKING:
+    from sscxr.evaluation import ModelSpec
+    from sscxr.reports.classification import ReportFiles
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 def load_models(pairs: list[tuple[str, str]], device: str) -> list[ModelSpec]:
     """Load each fine-tuned run (model.safetensors + model.json) with its config.yaml, if any."""
+    from sscxr.evaluation import ModelSpec
     from sscxr.evaluation.predict import resolve_device
     from sscxr.models.classifier import load_classifier
 
@@ -60,6 +61,9 @@ def _print_files(files: ReportFiles) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from sscxr.evaluation import EvalOptions, TestSpec, evaluate_models, parse_split_spec, parse_threshold
+    from sscxr.reports.classification import write_report
+
     if not args.test:
         raise ConfigError("give at least one --test NAME=CACHE_DIR:SPLIT")
     opts = EvalOptions(
@@ -80,6 +84,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from sscxr.reports.classification import load_evaluations, write_report
+
     _print_files(write_report(load_evaluations(args.inputs), args.out, figures=not args.no_figures))
     return 0
 

@@ -1,19 +1,20 @@
-"""`sscxr segment train | evaluate | predict`: lung segmentation with UNETR on the (pre-trained) ViT."""
+"""`sscxr segment train | evaluate | predict`: lung segmentation with UNETR on the (pre-trained) ViT.
+
+Heavy modules are imported inside the functions that run a command, so building the parser stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
+from sscxr.cli.train_cmds import add_config_args, run_training
 
-from sscxr.cli.train_cmds import add_config_args, resume_arg
-from sscxr.config import config_to_dict, load_config
-from sscxr.engine.distributed import cleanup, init_distributed
-from sscxr.engine.logging import setup_logging
-from sscxr.engine.trainer import FitResult, fit
+if TYPE_CHECKING:
+    from sscxr.cli.train_cmds import Built
+    from sscxr.engine.trainer import FitResult
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,7 @@ def run_segment_train(args: argparse.Namespace) -> FitResult:
     """
     from sscxr.tasks.segmentation import SegmentConfig, build_segmentation
 
-    cfg = load_config(SegmentConfig, args.config or [DEFAULT_CONFIG], args.overrides)
-    dist = init_distributed(args.device)
-    setup_logging(dist.rank, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
-    torch.manual_seed(cfg.train.seed + dist.rank)  # timm / MONAI initialise from the global RNG
-    try:
+    def build(cfg: SegmentConfig) -> Built:
         task, train_set, val_set = build_segmentation(cfg, seed=cfg.train.seed)
         log.info(
             "segmentation on %d images (%d for validation); encoder start %s; skip blocks %s",
@@ -45,20 +42,9 @@ def run_segment_train(args: argparse.Namespace) -> FitResult:
             task.extra_export["init"]["mode"],
             task.spec.blocks,
         )
-        cfg_dict: dict[str, Any] = config_to_dict(cfg)
-        return fit(
-            task,
-            train_set,
-            val_set,
-            cfg.train,
-            cfg.optim,
-            args.out,
-            dist,
-            cfg_dict,
-            resume=resume_arg(args.resume),
-        )
-    finally:
-        cleanup()
+        return task, train_set, val_set
+
+    return run_training(args, SegmentConfig, DEFAULT_CONFIG, build)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -1,32 +1,56 @@
-"""Training subcommands: `pretrain` (and the later fine-tuning commands) on the one engine."""
+"""Training subcommands: `pretrain` (and the later fine-tuning commands) on the one engine.
+
+Heavy modules (torch, the config loader, the engine) are imported inside the functions that run a
+command, so building the parser (`sscxr --help`) stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
-from sscxr.config import PretrainConfig, config_to_dict, load_config
-from sscxr.engine.distributed import cleanup, init_distributed
-from sscxr.engine.logging import setup_logging
-from sscxr.engine.trainer import FitResult, fit
+    from sscxr.engine.config import OptimConfig, TrainConfig
+    from sscxr.engine.trainer import FitResult
+    from sscxr.tasks.base import Task
+
+    #: What a task builder returns: the task, its training set and its validation set (or None).
+    Built = tuple[Task, Dataset[Any], Dataset[Any] | None]
 
 log = logging.getLogger(__name__)
+
+
+class TrainingConfig(Protocol):
+    """The sections of a command's config that the engine reads (every training config has them)."""
+
+    train: TrainConfig
+    optim: OptimConfig
+
+
+C = TypeVar("C", bound=TrainingConfig)
 
 
 def add_config_args(p: argparse.ArgumentParser, default_config: str | None) -> None:
     """The options every training command shares: configs, overrides, run folder, resume."""
     p.add_argument(
-        "-c", "--config", action="append", default=None,
+        "-c",
+        "--config",
+        action="append",
+        default=None,
         help=f"YAML config file or built-in name, repeatable (default: {default_config})",
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.blr=1e-3")
     p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, logs, pictures)")
-    p.add_argument("--resume", default="auto",
-                   help="'auto' (resume from OUT/checkpoints/last.pt if present), a checkpoint path, or 'no'")
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="'auto' (resume from OUT/checkpoints/last.pt if present), a checkpoint path, or 'no'",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
@@ -36,6 +60,8 @@ def seed_process(seed: int, rank: int) -> None:
     Rank r uses `seed + r` so stochastic layers differ between processes; DDP broadcasts rank 0's
     initial weights, so every rank (and a single process) starts from the same model.
     """
+    import torch
+
     torch.manual_seed(seed + rank)
 
 
@@ -44,33 +70,75 @@ def resume_arg(value: str) -> str | bool:
     return False if value in ("no", "none", "false") else value
 
 
-def run_pretrain(args: argparse.Namespace) -> FitResult:
-    """`sscxr pretrain`: GMML pre-training on a prepared cache (one or many processes)."""
-    from sscxr.tasks.gmml import build_pretraining
+def run_training(
+    args: argparse.Namespace, config_cls: type[C], default_config: str, build: Callable[[C], Built]
+) -> FitResult:
+    """What every training command does: config -> processes -> logging -> seeds -> build -> fit.
 
-    cfg = load_config(PretrainConfig, args.config or ["pretrain/gmml_vit_s16"], args.overrides)
+    Args:
+        args: `config` (list of configs or None), `overrides`, `out`, `resume`, `device`, `verbose`.
+        config_cls: the command's config dataclass.
+        default_config: the built-in config used when no `-c` is given.
+        build: makes (task, train_set, val_set) from the resolved config; it runs after seeding.
+
+    Returns:
+        The engine's FitResult.
+    """
+    from sscxr.config import config_to_dict, load_config
+    from sscxr.engine.distributed import cleanup, init_distributed
+    from sscxr.engine.logging import setup_logging
+    from sscxr.engine.trainer import fit
+
+    cfg = load_config(config_cls, args.config or [default_config], args.overrides)
     dist = init_distributed(args.device)
     setup_logging(dist.rank, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    # timm and MONAI initialise new layers from torch's global RNG: seed it before building the task.
     seed_process(cfg.train.seed, dist.rank)
     try:
-        task, train_set, val_set = build_pretraining(cfg, seed=cfg.train.seed)
-        log.info("pre-training on %d images (%d for validation)", len(train_set), len(val_set or []))
+        task, train_set, val_set = build(cfg)
         cfg_dict: dict[str, Any] = config_to_dict(cfg)
-        return fit(task, train_set, val_set, cfg.train, cfg.optim, args.out, dist, cfg_dict,
-                   resume=resume_arg(args.resume))
+        return fit(
+            task,
+            train_set,
+            val_set,
+            cfg.train,
+            cfg.optim,
+            args.out,
+            dist,
+            cfg_dict,
+            resume=resume_arg(args.resume),
+        )
     finally:
         cleanup()
 
 
+def run_pretrain(args: argparse.Namespace) -> FitResult:
+    """`sscxr pretrain`: GMML pre-training on a prepared cache (one or many processes)."""
+    from sscxr.config import PretrainConfig
+    from sscxr.tasks.gmml import build_pretraining
+
+    def build(cfg: PretrainConfig) -> Built:
+        task, train_set, val_set = build_pretraining(cfg, seed=cfg.train.seed)
+        log.info("pre-training on %d images (%d for validation)", len(train_set), len(val_set or []))
+        return task, train_set, val_set
+
+    return run_training(args, PretrainConfig, "pretrain/gmml_vit_s16", build)
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     result = run_pretrain(args)
-    log.info("done: %d steps; encoder exported to %s", result.state.step, Path(args.out) / "encoder.safetensors")
+    log.info(
+        "done: %d steps; encoder exported to %s", result.state.step, Path(args.out) / "encoder.safetensors"
+    )
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the training subcommands."""
-    p = sub.add_parser("pretrain", help="GMML self-supervised pre-training of a ViT on a prepared cache",
-                       description="GMML pre-training. Launch with torchrun for several processes/GPUs.")
+    p = sub.add_parser(
+        "pretrain",
+        help="GMML self-supervised pre-training of a ViT on a prepared cache",
+        description="GMML pre-training. Launch with torchrun for several processes/GPUs.",
+    )
     add_config_args(p, "pretrain/gmml_vit_s16")
     p.set_defaults(func=_pretrain)

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from sscxr.errors import CheckpointError
+from sscxr.utils import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -145,20 +145,6 @@ def resume_training(
     return state
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(
     path: str | os.PathLike[str],
     task: nn.Module,
@@ -192,22 +178,16 @@ def save_checkpoint(
         "rng": rng if rng is not None else rng_state(),
         "format_version": FORMAT_VERSION,
     }
-    _atomic_torch_save(payload, path)
+    with atomic_open(path) as f:
+        torch.save(payload, f)
     log.debug("checkpoint written: %s", path)
     return path
 
 
 def copy_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Copy a checkpoint file atomically (e.g. `last.pt` -> `best.pt`) without re-serialising it."""
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(src, "rb") as source, atomic_open(dst) as f:
+        shutil.copyfileobj(source, f)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -129,6 +129,23 @@ def _check_disjoint(
             )
 
 
+def _predict(
+    m: ModelSpec, cache: ImageCache, indices: np.ndarray, opts: EvalOptions, where: str
+) -> np.ndarray:
+    """`m`'s class probabilities of the cache rows `indices` (progress bar: "<model> @ <where>")."""
+    return predict(
+        m.model,
+        m.meta,
+        cache,
+        indices,
+        opts.batch_size,
+        opts.device,
+        opts.precision,
+        opts.progress,
+        desc=f"{m.name} @ {where}",
+    )
+
+
 def _choose(
     m: ModelSpec, val: tuple[SplitSpec, ImageCache, np.ndarray] | None, opts: EvalOptions
 ) -> ThresholdChoice:
@@ -139,17 +156,7 @@ def _choose(
         return choose_threshold(opts.threshold, names, stored)
     spec, cache, idx = val
     t = class_targets(cache, idx, label_map_of(m.meta))
-    p = predict(
-        m.model,
-        m.meta,
-        cache,
-        t.indices,
-        opts.batch_size,
-        opts.device,
-        opts.precision,
-        opts.progress,
-        desc=f"{m.name} @ validation",
-    )
+    p = _predict(m, cache, t.indices, opts, "validation")
     return choose_threshold(opts.threshold, names, stored, t.y, p, val_name=f"validation {spec}")
 
 
@@ -189,17 +196,7 @@ def _evaluate_pair(
             t.excluded,
         )
     start = time.perf_counter()
-    probs = predict(
-        m.model,
-        m.meta,
-        cache,
-        t.indices,
-        opts.batch_size,
-        opts.device,
-        opts.precision,
-        opts.progress,
-        desc=f"{m.name} @ {test}",
-    )
+    probs = _predict(m, cache, t.indices, opts, test)
     seconds = time.perf_counter() - start
     rel = Path("predictions") / f"{slug(m.name)}__{slug(test)}.csv"
     write_predictions(out_dir / rel, cache, t, probs, names, predict_classes(probs, choice.value))

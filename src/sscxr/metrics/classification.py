@@ -158,7 +158,11 @@ def sklearn_aucs(y_bin: np.ndarray, score: np.ndarray) -> tuple[MetricValue, Met
     y = np.asarray(y_bin, dtype=bool)
     roc = auc_roc(y, score)  # only for the undefined check and its reason
     roc = defined(float(roc_auc_score(y, score))) if roc.defined else roc
-    pr = defined(float(average_precision_score(y, score))) if y.any() else undefined("no positive samples in y_true")
+    pr = (
+        defined(float(average_precision_score(y, score)))
+        if y.any()
+        else undefined("no positive samples in y_true")
+    )
     return roc, pr
 
 

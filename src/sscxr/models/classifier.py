@@ -12,7 +12,6 @@ provenance the training run adds). Files are never unpickled.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sscxr.errors import CheckpointError
-from sscxr.models.loading import Normalization
+from sscxr.models.loading import Normalization, read_model_meta
 from sscxr.models.vit import ViTConfig, build_vit, infer_vit_arch, vit_config_from_dict
 from sscxr.utils import atomic_write_bytes, atomic_write_json
 
@@ -187,15 +186,7 @@ def read_classifier_meta(path: str | Path) -> dict[str, Any]:
             f"{meta_path}: no classifier metadata; give a fine-tuning run folder or its model.json "
             "(written by `sscxr finetune` when training ends)"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: unreadable ({e}); re-export the model") from e
-    if not isinstance(meta, dict) or meta.get("format") != CLASSIFIER_FORMAT:
-        raise CheckpointError(f"{meta_path}: not an sscxr classifier (format {meta.get('format')!r})")
-    if int(meta.get("version", 0)) > CLASSIFIER_VERSION:
-        raise CheckpointError(f"{meta_path}: version {meta['version']} is newer than this sscxr reads")
-    return meta
+    return read_model_meta(meta_path, CLASSIFIER_FORMAT, CLASSIFIER_VERSION, "classifier")
 
 
 def load_classifier(

@@ -150,6 +150,30 @@ def read_export_meta(path: str | Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT else None
 
 
+def read_model_meta(meta_path: Path, fmt: str, version: int, kind: str) -> dict[str, Any]:
+    """The `model.json` of a fine-tuned export (classifier, segmenter), checked before it is trusted.
+
+    Args:
+        meta_path: the JSON file (the caller has checked that it exists).
+        fmt: the `format` value the file must carry.
+        version: the newest `version` this sscxr reads.
+        kind: what the export is ("classifier", "segmenter"), for the error message.
+
+    Raises:
+        CheckpointError: unreadable JSON, another format, or a newer version.
+    """
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable ({e}); re-export the model") from e
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if not isinstance(meta, dict) or found != fmt:
+        raise CheckpointError(f"{meta_path}: not an sscxr {kind} (format {found!r}, expected {fmt!r})")
+    if int(meta.get("version", 0)) > version:
+        raise CheckpointError(f"{meta_path}: version {meta.get('version')} is newer than this sscxr reads")
+    return meta
+
+
 def interpolate_pos_embed(
     pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int = 1
 ) -> torch.Tensor:

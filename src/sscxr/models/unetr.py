@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sscxr.errors import CheckpointError
-from sscxr.models.loading import Normalization
+from sscxr.models.loading import Normalization, read_model_meta
 from sscxr.models.vit import ViTConfig, build_vit, vit_config_from_dict
 from sscxr.utils import atomic_write_bytes, atomic_write_json
 
@@ -332,14 +331,7 @@ def load_segmenter(path: str | Path) -> Segmenter:
             f"{path}: no segmenter export ({meta_path.name} + {weights.name}); pass a run folder of "
             "`sscxr segment train` (written when training ends) or its model.json"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: unreadable ({e}); re-export the model") from e
-    if not isinstance(meta, dict) or meta.get("format") != SEGMENTER_FORMAT:
-        raise CheckpointError(f"{meta_path}: not an sscxr segmenter (format {meta.get('format')!r})")
-    if int(meta.get("version", 0)) > SEGMENTER_VERSION:
-        raise CheckpointError(f"{meta_path}: version {meta.get('version')} is newer than this sscxr reads")
+    meta = read_model_meta(meta_path, SEGMENTER_FORMAT, SEGMENTER_VERSION, "segmenter")
     spec = SegmenterSpec.from_dict(meta)
     model = build_unetr(spec)
     state = safetensors.torch.load_file(str(weights), device="cpu")

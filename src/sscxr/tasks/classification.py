@@ -22,17 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from sscxr.config import DataConfig
-from sscxr.data.cache import ImageCache
 from sscxr.data.datasets import CachedDataset
 from sscxr.engine.checkpoint import load_checkpoint
 from sscxr.engine.config import OptimConfig, TrainConfig
-from sscxr.errors import CheckpointError, ConfigError
+from sscxr.errors import ConfigError
 from sscxr.metrics.accumulator import ClassificationAccumulator
 from sscxr.metrics.classification import MetricValue
 from sscxr.models.classifier import ViTClassifier, export_classifier
-from sscxr.models.loading import Normalization, load_encoder_weights
+from sscxr.models.loading import Normalization
 from sscxr.models.vit import ViTConfig, build_vit
 from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
+from sscxr.tasks.common import INIT_MODES, load_encoder_start, open_cache, resolve_init_path
 from sscxr.tasks.labels import TASKS, LabelTask, class_weights, resolve_task, select_rows
 from sscxr.utils import derive_seed
 
@@ -182,7 +182,6 @@ class ClassificationTask(Task):
 # Run configuration and building from a prepared cache
 # ----------------------------------------------------------------------------------------------------
 
-INIT_MODES = ("scratch", "sscxr", "timm", "auto")
 BALANCE_MODES = ("none", "loss_weights")
 
 
@@ -254,7 +253,12 @@ def _paper_optim() -> OptimConfig:
     # (lr = 5e-4 * batch / 512): blr 2.5e-4 per 256 here. Used as an absolute lr at batch 16 it is 32x
     # too high, and a ViT then does not even fit its training set.
     return OptimConfig(
-        blr=2.5e-4, lr=None, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05, weight_decay_end=None,
+        blr=2.5e-4,
+        lr=None,
+        min_lr=1e-6,
+        warmup_epochs=5,
+        weight_decay=0.05,
+        weight_decay_end=None,
         clip_grad=None,
     )
 
@@ -283,22 +287,6 @@ def label_task_of(cfg: ClassifyConfig) -> LabelTask:
     return resolve_task(name, [(c.name, list(c.labels)) for c in cfg.classes])
 
 
-def resolve_init_path(path: str) -> Path:
-    """The weight file behind `classify.init_path`: a file, or a pre-training run folder's export."""
-    p = Path(path)
-    if not p.is_dir():
-        return p
-    if (p / "encoder.safetensors").is_file():
-        return p / "encoder.safetensors"
-    if (p / "checkpoints" / "last.pt").is_file():
-        log.warning("%s has no encoder.safetensors (unfinished pre-training?): using checkpoints/last.pt", p)
-        return p / "checkpoints" / "last.pt"
-    raise CheckpointError(
-        f"{p}: neither encoder.safetensors (written when `sscxr pretrain` ends) nor checkpoints/last.pt; "
-        "give the pre-training run folder or a weight file"
-    )
-
-
 def init_encoder(model: ViTClassifier, ccfg: ClassifyConfig, cache_norm: Normalization) -> dict[str, Any]:
     """Start the classifier's encoder as `ccfg.init` says and set its normalisation.
 
@@ -313,14 +301,7 @@ def init_encoder(model: ViTClassifier, ccfg: ClassifyConfig, cache_norm: Normali
     if ccfg.init == "scratch" or (ccfg.init == "auto" and not ccfg.init_path):
         model.set_normalization(cache_norm)
         return {"mode": "scratch", "normalization_from": "cache"}
-    path = resolve_init_path(str(ccfg.init_path))
-    report = load_encoder_weights(model.encoder, path)
-    ours = report.source in ("sscxr-export", "sscxr-checkpoint")
-    if (ccfg.init == "sscxr" and not ours) or (ccfg.init == "timm" and ours):
-        raise CheckpointError(
-            f"{path}: classify.init={ccfg.init} but the file is a {report.source} file; "
-            f"use classify.init={'sscxr' if ours else 'timm'} (or auto)"
-        )
+    record, report = load_encoder_start(model.encoder, ccfg.init, str(ccfg.init_path), "classify")
     norm, norm_from = cache_norm, "cache"
     if report.normalization is not None:
         norm, norm_from = report.normalization, "export"
@@ -328,16 +309,11 @@ def init_encoder(model: ViTClassifier, ccfg: ClassifyConfig, cache_norm: Normali
     log.info(
         "encoder initialised from %s (%s): missing keys %s; unexpected keys %s; adapted: %s; "
         "normalisation from the %s (mean %.4g, std %.4g)",
-        path, report.source, report.missing, report.unexpected, report.adapted or "nothing",
+        record["path"], report.source, report.missing, report.unexpected, report.adapted or "nothing",
         norm_from, norm.mean, norm.std,
     )  # fmt: skip
     return {
-        "mode": "sscxr" if ours else "timm",
-        "path": str(path),
-        "source": report.source,
-        "missing": report.missing,
-        "unexpected": report.unexpected,
-        "adapted": report.adapted,
+        **record,
         "normalization_from": norm_from,
         "pretraining": report.meta.get("extra", {}),
     }
@@ -356,13 +332,7 @@ def build_finetuning(
     Returns:
         (task, train_set, val_set); val_set is None when the validation split has no usable image.
     """
-    cache = ImageCache.open(cfg.data.cache)
-    if cache.size != cfg.model.img_size:
-        raise ConfigError(
-            f"the cache {cfg.data.cache} holds {cache.size} px images but model.img_size is "
-            f"{cfg.model.img_size}: set model.img_size={cache.size} or prepare a cache with --size "
-            f"{cfg.model.img_size}."
-        )
+    cache = open_cache(cfg.data.cache, cfg.model.img_size)
     task_map = label_task_of(cfg.classify)
     c = cfg.classify
     train_idx, val_idx, data_info = select_rows(

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from sscxr.data.cache import ImageCache
 from sscxr.data.datasets import GMMLDataset
-from sscxr.errors import ConfigError, DataError
+from sscxr.errors import DataError
 from sscxr.models.gmml import GMMLModel, default_recon_blocks, masked_l1_loss
 from sscxr.models.loading import Normalization, export_encoder
 from sscxr.models.vit import ViTConfig, build_vit
 from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
+from sscxr.tasks.common import open_cache
 from sscxr.viz.recon import reconstruction_grid
 
 if TYPE_CHECKING:
@@ -129,13 +129,7 @@ def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDat
     Returns:
         (task, train_set, val_set); val_set is None when the cache has no images in `data.val_split`.
     """
-    cache = ImageCache.open(cfg.data.cache)
-    if cache.size != cfg.model.img_size:
-        raise ConfigError(
-            f"the cache {cfg.data.cache} holds {cache.size} px images but model.img_size is "
-            f"{cfg.model.img_size}: set model.img_size={cache.size} or prepare a cache with --size "
-            f"{cfg.model.img_size}."
-        )
+    cache = open_cache(cfg.data.cache, cfg.model.img_size)
     mean, std = cache.stats
     norm = Normalization(mean=float(mean), std=float(std))
     train_splits = [s for s in cfg.gmml.splits if s != cfg.data.val_split]
@@ -163,7 +157,8 @@ def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDat
 
     encoder = build_vit(cfg.model)
     blocks = cfg.gmml.recon_blocks or list(default_recon_blocks(cfg.model.depth))
-    model = GMMLModel(encoder, recon_blocks=blocks, hidden=cfg.gmml.decoder_hidden,
-                      bottleneck=cfg.gmml.decoder_bottleneck)
+    model = GMMLModel(
+        encoder, recon_blocks=blocks, hidden=cfg.gmml.decoder_hidden, bottleneck=cfg.gmml.decoder_bottleneck
+    )
     extra = {"cache": str(cfg.data.cache), "manifest_hash": cache.manifest_hash}
     return GMMLTask(model, cfg.model, norm, vis_batch, extra), train_set, val_set

@@ -25,17 +25,15 @@ from sscxr.data.cache import ImageCache
 from sscxr.data.datasets import CachedDataset
 from sscxr.engine.checkpoint import load_checkpoint
 from sscxr.engine.config import OptimConfig, TrainConfig
-from sscxr.errors import CheckpointError, ConfigError, DataError
-from sscxr.models.loading import Normalization, load_encoder_weights
+from sscxr.errors import ConfigError, DataError
+from sscxr.models.loading import Normalization
 from sscxr.models.unetr import UNETR, SegmenterSpec, build_unetr, export_segmenter, lung_probability
 from sscxr.models.vit import ViTConfig
 from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
-from sscxr.tasks.classification import resolve_init_path
+from sscxr.tasks.common import INIT_MODES, load_encoder_start, open_cache
 from sscxr.viz.overlay import OverlayCase, overlay_figure
 
 log = logging.getLogger(__name__)
-
-INIT_MODES = ("scratch", "sscxr", "timm", "auto")
 
 
 @dataclass
@@ -220,7 +218,7 @@ class SegmentationTask(Task):
 def init_encoder(model: UNETR, init: str, init_path: str, cache_norm: Normalization) -> dict[str, Any]:
     """Fill `model.encoder` as `seg.init` says; returns what was done (for `model.json`).
 
-    The run-folder lookup is the classifier's (`resolve_init_path`): one rule for both fine-tunings.
+    The run-folder lookup and file-kind check are shared with the classifier (`load_encoder_start`).
     sscxr exports bring the normalisation GMML trained with; otherwise the cache's statistics are used.
 
     Returns:
@@ -229,26 +227,14 @@ def init_encoder(model: UNETR, init: str, init_path: str, cache_norm: Normalizat
     """
     if init == "scratch" or (init == "auto" and not init_path):
         return {"mode": "scratch", "normalization": asdict(cache_norm), "normalization_from": "cache"}
-    path = resolve_init_path(init_path)
-    report = load_encoder_weights(model.encoder, path)
-    ours = report.source in ("sscxr-export", "sscxr-checkpoint")
-    if (init == "sscxr" and not ours) or (init == "timm" and ours):
-        raise CheckpointError(
-            f"{path}: seg.init={init} but the file is a {report.source} file; "
-            f"use seg.init={'sscxr' if ours else 'timm'} (or auto)"
-        )
+    record, report = load_encoder_start(model.encoder, init, init_path, "seg")
     norm = report.normalization or cache_norm
     log.info(
         "encoder initialised from %s (%s): missing keys %s; unexpected keys %s; adapted: %s",
-        path, report.source, report.missing, report.unexpected, report.adapted or "nothing",
+        record["path"], report.source, report.missing, report.unexpected, report.adapted or "nothing",
     )  # fmt: skip
     return {
-        "mode": "sscxr" if ours else "timm",
-        "path": str(path),
-        "source": report.source,
-        "missing": report.missing,
-        "unexpected": report.unexpected,
-        "adapted": report.adapted,
+        **record,
         "normalization": asdict(norm),
         "normalization_from": "export" if report.normalization is not None else "cache",
         "pretraining": report.meta.get("extra", {}),
@@ -292,13 +278,7 @@ def build_segmentation(
     Returns:
         (task, train_set, val_set); val_set is None when `data.val_split` has no masked images.
     """
-    cache = ImageCache.open(cfg.data.cache)
-    if cache.size != cfg.model.img_size:
-        raise ConfigError(
-            f"the cache {cfg.data.cache} holds {cache.size} px images but model.img_size is "
-            f"{cfg.model.img_size}: set model.img_size={cache.size} or prepare a cache with --size "
-            f"{cfg.model.img_size}."
-        )
+    cache = open_cache(cfg.data.cache, cfg.model.img_size)
     s = cfg.seg
     spec = SegmenterSpec(
         vit=cfg.model, normalization=Normalization(*cache.stats), out_channels=s.out_channels,
