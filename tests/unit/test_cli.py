@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 COMMANDS = (
     "synth",
@@ -37,3 +40,82 @@ def test_help_lists_every_subcommand() -> None:
         line.split()[0] for line in proc.stdout.splitlines() if line.startswith("    ") and line.split()
     }
     assert set(COMMANDS) <= listed, proc.stdout
+
+
+def _png(path: Path, value: int, size: int = 16) -> None:
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, dtype=np.uint8)).save(path)
+
+
+def test_import_jsrt_and_csv_layouts_write_manifests(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from sscxr.cli import main
+    from sscxr.data.io import read_mask
+    from sscxr.data.manifest import read_manifest
+
+    (tmp_path / "lab").mkdir()
+    label = np.zeros((16, 16), dtype=np.uint8)
+    label[2:8, 2:6], label[2:8, 10:14], label[10:14, 6:10] = 255, 128, 60  # two lungs and a heart
+    for i in range(3):
+        _png(tmp_path / "img" / f"case{i}.png", 100 + i)
+        Image.fromarray(label).save(tmp_path / "lab" / f"case{i}.png")
+    out = tmp_path / "jsrt.csv"
+    assert (
+        main(
+            [
+                "import",
+                "jsrt",
+                str(tmp_path / "img"),
+                "--masks",
+                str(tmp_path / "lab"),
+                "--lung-values",
+                "255,128",
+                "--masks-out",
+                str(tmp_path / "masks"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    m = read_manifest(out)
+    assert len(m) == 3 and m.has_masks
+    mask = read_mask(m.resolve_mask(m.rows[0]))
+    assert mask.sum() == 2 * 6 * 4 and not mask[10:14, 6:10].any()  # lungs kept, heart left out
+
+    (tmp_path / "meta.csv").write_text("file,finding,pid\ncase0.png,COVID-19,p1\ncase1.png,No finding,p2\n")
+    out = tmp_path / "from_csv.csv"
+    assert (
+        main(
+            [
+                "import",
+                "csv",
+                str(tmp_path / "meta.csv"),
+                "--path-col",
+                "file",
+                "--label-col",
+                "finding",
+                "--patient-col",
+                "pid",
+                "--image-dir",
+                str(tmp_path / "img"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rows = read_manifest(out).rows
+    assert [(r.label, r.patient_id) for r in rows] == [("covid-19", "p1"), ("healthy", "p2")]
+
+
+def test_import_reports_missing_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sscxr.cli import main
+
+    assert main(["import", "jsrt", str(tmp_path), "--out", str(tmp_path / "m.csv")]) == 2
+    assert "needs --masks, --lung-values, --masks-out" in capsys.readouterr().err

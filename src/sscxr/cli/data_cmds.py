@@ -25,24 +25,46 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import(args: argparse.Namespace) -> int:
+def _read_layout(args: argparse.Namespace) -> Manifest:
+    """The manifest of `args.root` in the layout the user named."""
     from sscxr.data import importers
-    from sscxr.data.manifest import write_manifest
+    from sscxr.errors import ConfigError
 
     layout = args.layout
+    needs = {"pairs": ("masks",), "jsrt": ("masks", "lung_values", "masks_out"), "csv": ("path_col",)}
+    missing = [f"--{n.replace('_', '-')}" for n in needs.get(layout, ()) if getattr(args, n) in (None, "")]
+    if missing:
+        raise ConfigError(f"'sscxr import {layout}' needs {', '.join(missing)}")
     if layout == "folder":
-        m = importers.import_folder(args.root, site=args.site)
-    elif layout == "covidx":
-        m = importers.import_covidx(args.root)
-    elif layout == "montgomery":
-        m = importers.import_montgomery(args.root, out_dir=args.masks_out or Path(args.out).parent / "masks")
-    elif layout == "shenzhen":
-        m = importers.import_shenzhen(args.root)
-    elif layout == "pairs":
-        m = importers.import_image_mask_pairs(args.root, args.masks, site=args.site)
-    else:
-        raise AssertionError(layout)
-    m = _apply_splits(m, args)
+        return importers.import_folder(args.root, site=args.site)
+    if layout == "covidx":
+        return importers.import_covidx(args.root)
+    if layout == "montgomery":
+        masks_out = args.masks_out or Path(args.out).parent / "masks"
+        return importers.import_montgomery(args.root, out_dir=masks_out)
+    if layout == "shenzhen":
+        return importers.import_shenzhen(args.root)
+    if layout == "pairs":
+        return importers.import_image_mask_pairs(args.root, args.masks, site=args.site)
+    if layout == "jsrt":
+        values = [int(v) for v in str(args.lung_values).split(",")]
+        site = args.site or "jsrt"
+        return importers.import_jsrt_masks(args.root, args.masks, values, args.masks_out, site=site)
+    return importers.import_csv(
+        args.root,
+        args.path_col,
+        args.label_col,
+        args.patient_col,
+        image_dir=args.image_dir,
+        site=args.site,
+        site_col=args.site_col,
+    )
+
+
+def _import(args: argparse.Namespace) -> int:
+    from sscxr.data.manifest import write_manifest
+
+    m = _apply_splits(_read_layout(args), args)
     write_manifest(m, args.out)
     print(
         f"wrote {args.out}: {len(m)} images; "
@@ -59,7 +81,9 @@ def _apply_splits(m: Manifest, args: argparse.Namespace) -> Manifest:
     if args.split:
         fr = [float(x) for x in args.split.split(",")]
         if len(fr) != 3:
-            raise SystemExit("--split takes three fractions: train,val,test (e.g. 0.7,0.15,0.15)")
+            from sscxr.errors import ConfigError
+
+            raise ConfigError("--split takes three fractions: train,val,test (e.g. 0.7,0.15,0.15)")
         m = splits.patient_split(m, {"train": fr[0], "val": fr[1], "test": fr[2]}, seed=args.seed)
         splits.check_no_leak(m)
     return m
@@ -110,10 +134,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("import", help="write a manifest from a folder or a published data set layout")
-    p.add_argument("layout", choices=["folder", "covidx", "montgomery", "shenzhen", "pairs"])
-    p.add_argument("root", type=Path, help="data set folder (for 'pairs': the image folder)")
-    p.add_argument("--masks", type=Path, help="mask folder (layout 'pairs')")
-    p.add_argument("--masks-out", type=Path, help="where merged Montgomery masks are written")
+    p.add_argument("layout", choices=["folder", "covidx", "montgomery", "shenzhen", "pairs", "jsrt", "csv"])
+    p.add_argument(
+        "root", type=Path, help="data set folder (pairs, jsrt: the image folder; csv: the CSV file)"
+    )
+    p.add_argument("--masks", type=Path, help="mask folder (pairs) or label-image folder (jsrt)")
+    p.add_argument("--masks-out", type=Path, help="where merged (montgomery) or binary (jsrt) masks go")
+    p.add_argument("--lung-values", help="jsrt: label values that are lung, e.g. 255,128")
+    p.add_argument("--path-col", help="csv: column of image paths")
+    p.add_argument("--label-col", default="", help="csv: column of labels")
+    p.add_argument("--patient-col", default="", help="csv: column of patient ids")
+    p.add_argument("--site-col", default="", help="csv: column of sites")
+    p.add_argument("--image-dir", type=Path, help="csv: folder the image paths are relative to")
     p.add_argument("--site", default="", help="site/source name for every image")
     p.add_argument("--out", type=Path, required=True, help="manifest CSV to write")
     _split_args(p)
