@@ -119,3 +119,15 @@ def test_import_reports_missing_options(tmp_path: Path, capsys: pytest.CaptureFi
 
     assert main(["import", "jsrt", str(tmp_path), "--out", str(tmp_path / "m.csv")]) == 2
     assert "needs --masks, --lung-values, --masks-out" in capsys.readouterr().err
+
+
+def test_synth_writes_manifest_and_contact_sheet(tmp_path: Path) -> None:
+    from sscxr.cli import main
+
+    out = tmp_path / "cohort"
+    args = ["synth", "--out", str(out), "--n-adult", "8", "--n-pediatric", "2", "--size", "64", "--workers", "1"]
+    assert main(args) == 0
+    assert (out / "manifest.csv").is_file() and (out / "contact_sheet.png").is_file()
+    first = (out / "manifest.csv").read_bytes()
+    assert main(args) == 0  # same config: nothing regenerated
+    assert (out / "manifest.csv").read_bytes() == first

@@ -20,8 +20,13 @@ def _synth(args: argparse.Namespace) -> int:
     from sscxr.data.synth import SynthConfig, generate_cohort
 
     cfg = SynthConfig(n_adult=args.n_adult, n_pediatric=args.n_pediatric, size=args.size, seed=args.seed)
+    from sscxr.viz.contact_sheet import cohort_contact_sheet
+
     manifest = generate_cohort(cfg, args.out, workers=args.workers, force=args.force)
-    print(f"synthetic cohort: {manifest} (contact sheet: {Path(args.out) / 'contact_sheet.png'})")
+    sheet = Path(args.out) / "contact_sheet.png"
+    if args.force or not sheet.is_file():
+        cohort_contact_sheet(manifest, sheet)
+    print(f"synthetic cohort: {manifest} (contact sheet: {sheet})")
     return 0
 
 
