@@ -125,7 +125,19 @@ def test_synth_writes_manifest_and_contact_sheet(tmp_path: Path) -> None:
     from sscxr.cli import main
 
     out = tmp_path / "cohort"
-    args = ["synth", "--out", str(out), "--n-adult", "8", "--n-pediatric", "2", "--size", "64", "--workers", "1"]
+    args = [
+        "synth",
+        "--out",
+        str(out),
+        "--n-adult",
+        "8",
+        "--n-pediatric",
+        "2",
+        "--size",
+        "64",
+        "--workers",
+        "1",
+    ]
     assert main(args) == 0
     assert (out / "manifest.csv").is_file() and (out / "contact_sheet.png").is_file()
     first = (out / "manifest.csv").read_bytes()
