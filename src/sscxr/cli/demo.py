@@ -43,6 +43,16 @@ def _stage(title: str, steps: list[list[str]]) -> None:
     print(f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
+def _common(args: argparse.Namespace, cache: Path) -> list[str]:
+    """Overrides every training stage shares: the cache, its image size, the seed, optional epochs/batch."""
+    common = [f"data.cache={cache}", f"model.img_size={args.size}", f"train.seed={args.seed}"]
+    if args.epochs is not None:
+        common.append(f"train.epochs={args.epochs}")
+    if args.batch_size is not None:
+        common.append(f"train.batch_size={args.batch_size}")
+    return common
+
+
 def _starts(key: str, pre: Path) -> dict[str, list[str]]:
     return {name: [o.format(key=key, pre=pre) for o in extra] for name, extra in STARTS.items()}
 
@@ -56,10 +66,9 @@ def _classification(args: argparse.Namespace, out: Path, cache: Path) -> None:
                 "finetune",
                 "-c",
                 "classify/tiny",
-                f"data.cache={cache}",
+                *_common(args, cache),
                 f"classify.task={args.task}",
                 f"classify.labelled_fraction={args.labelled_fraction}",
-                f"train.seed={args.seed}",
                 *extra,
                 "--out",
                 str(runs / name),
@@ -102,8 +111,7 @@ def _segmentation(args: argparse.Namespace, out: Path, cache: Path) -> None:
                 "train",
                 "-c",
                 "segment/tiny",
-                f"data.cache={cache}",
-                f"train.seed={args.seed}",
+                *_common(args, cache),
                 *(extra or ["seg.init=scratch"]),
                 "--out",
                 str(runs / name),
@@ -159,15 +167,11 @@ def run_demo(args: argparse.Namespace) -> int:
         "pretrain",
         "-c",
         args.config,
-        f"data.cache={cache}",
-        f"model.img_size={args.size}",
-        f"train.seed={args.seed}",
+        *_common(args, cache),
         *args.overrides,
         "--out",
         str(out / "pretrain"),
     ]
-    if args.pretrain_epochs is not None:
-        pre.insert(-2, f"train.epochs={args.pretrain_epochs}")
     _stage("3. GMML pre-training", [pre])
     if not args.pretrain_only:
         _classification(args, out, cache)
@@ -194,7 +198,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--n-pediatric", type=int, default=90)
     p.add_argument("--synth-size", type=int, default=256, help="size of the generated PNGs")
     p.add_argument("--size", type=int, default=128, help="cache/model image size")
-    p.add_argument("--pretrain-epochs", type=int, default=None, help="default: the config's")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of every training stage (default: each config's; 1 = a quick smoke run)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of every training stage")
     p.add_argument("--task", default="healthy_vs_pathology", help="classification task")
     p.add_argument("--labelled-fraction", type=float, default=0.3, help="share of training patients labelled")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for the intervals")
