@@ -1,4 +1,4 @@
-"""Chest X-ray phantoms: anatomy and pathology drawn as attenuation maps (acquisition is in `synth.py`).
+"""Chest X-ray phantoms: anatomy and pathology drawn as attenuation maps (acquisition is in `acquisition.py`).
 
 Body frame. Shapes are vectorised implicit functions of body coordinates (u, v): u runs from the
 patient's right (image left, u < 0) to the patient's left (u > 0), v from the neck (v near -1) down to

@@ -1,0 +1,389 @@
+"""`sscxr prepare`, the cache writer: decode every manifest image once into a fixed-size uint16 memmap,
+resumably.
+
+The folder layout and the crash-safety rules this writer keeps are described in `cache.py`; the pieces
+of the format shared with the reader (version, geometry, resizing, progress log, index.json) live in
+`cache_format.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sscxr.data.cache_format import (
+    _FILES,
+    _MAX,
+    FITS,
+    FORMAT_VERSION,
+    _read_progress,
+    _write_index,
+    resize_mask,
+    resize_to_cache,
+    resume_command,
+)
+from sscxr.data.manifest import Manifest, manifest_hash, read_manifest
+from sscxr.errors import DataError, SSCXRError
+from sscxr.utils import atomic_write_bytes, atomic_write_text
+
+__all__ = ["PrepareInterrupted", "PrepareReport", "prepare"]
+
+logger = logging.getLogger(__name__)
+
+
+class PrepareInterrupted(SSCXRError):
+    """`prepare` was stopped (Ctrl-C); the cache is consistent and the message says how to resume."""
+
+
+@dataclass
+class PrepareReport:
+    """What `prepare` did. Counts of ok / failed rows cover the whole cache, `n_done` this run only."""
+
+    out_dir: Path
+    n_total: int
+    n_done: int
+    n_skipped_already_done: int
+    n_ok: int
+    n_failed: int
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+
+
+def _to_uint16(image: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(image, 0.0, 1.0) * _MAX).astype(np.uint16)
+
+
+# ------------------------------------------------------------------------------------------------ workers
+@dataclass(frozen=True)
+class _Task:
+    index: int
+    image_path: str
+    mask_path: str | None
+    size: int
+    fit: str
+
+
+@dataclass
+class _Result:
+    index: int
+    pixels: np.ndarray | None = None  # (S, S) uint16
+    mask: np.ndarray | None = None  # (S, S) uint8
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_row(task: _Task) -> _Result:
+    """Decode and resize one row (runs in a worker process). Never raises: failures become records."""
+    from sscxr.data.io import read_mask, read_xray  # imported here so the worker needs nothing else
+
+    try:
+        xray = read_xray(task.image_path)
+        pixels = _to_uint16(resize_to_cache(xray.image, task.size, task.fit))
+        mask = None
+        if task.mask_path is not None:
+            raw = read_mask(task.mask_path)
+            if raw.shape != xray.image.shape:
+                raise DataError(
+                    f"mask {task.mask_path} is {raw.shape[1]}x{raw.shape[0]} but its image is "
+                    f"{xray.image.shape[1]}x{xray.image.shape[0]}; masks must match their image"
+                )
+            mask = resize_mask(raw, task.size, task.fit)
+    except Exception as e:  # any decoder bug must cost one row, not the run
+        return _Result(task.index, record={"i": task.index, "status": "failed", "reason": _reason(e)})
+    unit = pixels.astype(np.float64) / _MAX  # stats of what the loader will actually read
+    spacing = xray.meta.pixel_spacing_mm
+    record = {
+        "i": task.index,
+        "status": "ok",
+        "shape": [int(s) for s in xray.image.shape],
+        "spacing": None if spacing is None else [float(s) for s in spacing],
+        "mask": mask is not None,
+        "sum": float(unit.sum()),
+        "sumsq": float(np.square(unit).sum()),
+    }
+    return _Result(task.index, pixels, mask, record)
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, SSCXRError) else f"{type(e).__name__}: {text}"
+
+
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: only the parent should react (flush, log, exit).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)  # one process per core already
+
+
+def _results(tasks: list[_Task], workers: int, chunk: int) -> Iterator[_Result]:
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(_load_row, tasks)
+        return
+    chunksize = max(1, min(chunk, len(tasks) // (4 * workers)))
+    with multiprocessing.get_context().Pool(workers, initializer=_worker_init) as pool:
+        # Unordered: one slow DICOM must not stall the others; rows are addressed by index anyway.
+        yield from pool.imap_unordered(_load_row, tasks, chunksize=chunksize)
+
+
+# ----------------------------------------------------------------------------------------- cache folder
+def _header(manifest_path: Path, manifest: Manifest, size: int, fit: str) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "manifest_path": str(manifest_path),
+        "manifest_hash": manifest_hash(manifest_path),
+        "size": size,
+        "fit": fit,
+        "n": len(manifest),
+        "has_masks": manifest.has_masks,
+    }
+
+
+def _same_cache(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("format_version", "manifest_hash", "size", "fit")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _check_reusable(out_dir: Path, header: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to mix two caches in one folder; with `overwrite`, delete the old one's files."""
+    old = None
+    if (out_dir / "index.json").exists():
+        old = json.loads((out_dir / "index.json").read_text())
+    elif (out_dir / "progress.jsonl").exists():
+        old = _read_progress(out_dir)[0]
+    if old is None or _same_cache(old, header):
+        return
+    if not overwrite:
+        raise DataError(
+            f"{out_dir} already holds a cache of another manifest or geometry (manifest hash "
+            f"{old.get('manifest_hash')}, size {old.get('size')}, fit {old.get('fit')}; asked: "
+            f"{header['manifest_hash']}, {header['size']}, {header['fit']}). Choose another output folder "
+            "or pass overwrite=True (`--overwrite`) to replace it."
+        )
+    for name in _FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _open_arrays(out_dir: Path, header: dict[str, Any], fresh: bool) -> tuple[np.memmap, np.memmap | None]:
+    n, s = header["n"], header["size"]
+    names = ["images.npy"] + (["masks.npy"] if header["has_masks"] else [])
+    arrays: list[np.memmap] = []
+    for name, dtype in zip(names, (np.uint16, np.uint8), strict=False):
+        path = out_dir / name
+        if fresh:
+            arrays.append(np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, s, s)))
+            continue
+        try:
+            arr = np.load(path, mmap_mode="r+")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: unreadable ({e}); rerun with overwrite=True (`--overwrite`).") from e
+        if arr.shape != (n, s, s) or arr.dtype != dtype:
+            raise DataError(
+                f"{path}: shape {arr.shape} {arr.dtype}, expected {(n, s, s)} {np.dtype(dtype)}; "
+                "rerun with overwrite=True (`--overwrite`)."
+            )
+        arrays.append(arr)
+    return arrays[0], (arrays[1] if len(arrays) > 1 else None)
+
+
+class _Writer:
+    """Parent-side sink: pixels into the memmaps, then (after a flush) their rows into progress.jsonl."""
+
+    def __init__(self, out_dir: Path, images: np.memmap, masks: np.memmap | None, chunk: int) -> None:
+        self.images, self.masks, self.chunk = images, masks, chunk
+        self.progress = open(out_dir / "progress.jsonl", "ab")  # noqa: SIM115 (closed in close())
+        self.pending: list[dict[str, Any]] = []
+
+    def put(self, res: _Result) -> None:
+        # Failed rows are zeroed too, so a cache's bytes do not depend on what an earlier run left there.
+        self.images[res.index] = 0 if res.pixels is None else res.pixels
+        if self.masks is not None:
+            self.masks[res.index] = 0 if res.mask is None else res.mask
+        self.pending.append(res.record)  # only after its pixels are in the map
+        if len(self.pending) >= self.chunk:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        self.images.flush()
+        if self.masks is not None:
+            self.masks.flush()
+        self.progress.write(b"".join(json.dumps(r).encode() + b"\n" for r in self.pending))
+        self.progress.flush()
+        os.fsync(self.progress.fileno())
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.commit()
+        self.progress.close()
+
+
+def _run(
+    tasks: list[_Task],
+    writer: _Writer,
+    workers: int,
+    chunk: int,
+    bar: tqdm,
+    after_row: Callable[[int], None] | None,
+) -> int:
+    """Process `tasks`, returning how many rows finished; on any exception the finished ones are kept."""
+    n = 0
+    results = _results(tasks, workers, chunk)
+    try:
+        for res in results:
+            writer.put(res)
+            n += 1
+            bar.update()
+            if after_row is not None:
+                after_row(n)
+    finally:
+        results.close()  # terminates the pool now, not whenever the generator is collected
+        writer.close()
+        bar.close()
+    return n
+
+
+def _write_failures(
+    out_dir: Path, manifest: Manifest, records: dict[int, dict[str, Any]]
+) -> list[tuple[str, str]]:
+    failures = [
+        (str(manifest.resolve(manifest.rows[i])), r.get("reason", ""))
+        for i, r in sorted(records.items())
+        if r["status"] != "ok"
+    ]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    writer.writerows(failures)
+    atomic_write_text(out_dir / "failures.csv", buf.getvalue())
+    return failures
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def prepare(
+    manifest_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    size: int = 256,
+    fit: str = "stretch",
+    workers: int | None = None,
+    progress: bool = True,
+    chunk: int = 64,
+    overwrite: bool = False,
+    _after_row: Callable[[int], None] | None = None,
+) -> PrepareReport:
+    """Build (or resume) the image cache of a manifest; see `sscxr.data.cache` for the layout.
+
+    Args:
+        manifest_path: the manifest CSV.
+        out_dir: cache folder (created). Rerunning on the same folder skips rows already logged.
+        size: side S of the cached square images.
+        fit: "stretch" (resize to S x S ignoring aspect, the COVID-Net convention) or "pad"
+            (aspect-preserving letterbox with zero padding); see `fit_geometry`.
+        workers: decoding processes (None: all cores available; 0 or 1: in this process).
+        progress: show a tqdm bar.
+        chunk: rows per flush of the memmaps + progress log (the most work an interrupt can lose).
+        overwrite: replace a cache of another manifest / size / fit found in `out_dir`.
+        _after_row: test hook called with the number of rows finished this run.
+
+    Returns:
+        A `PrepareReport`. Unreadable images are reported there and in failures.csv, never raised.
+
+    Raises:
+        DataError: unreadable manifest, or `out_dir` holds another cache and `overwrite` is False.
+        PrepareInterrupted: on Ctrl-C, after saving finished rows; the message gives the resume command.
+    """
+    if size < 1 or fit not in FITS or chunk < 1:
+        raise ValueError(f"need size >= 1, fit in {FITS}, chunk >= 1; got {size}, {fit!r}, {chunk}")
+    manifest_path, out_dir = Path(os.path.abspath(manifest_path)), Path(os.path.abspath(out_dir))
+    manifest = read_manifest(manifest_path)
+    if len(manifest) == 0:
+        raise DataError(f"{manifest_path}: the manifest has no rows; nothing to prepare.")
+    header = _header(manifest_path, manifest, size, fit)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_reusable(out_dir, header, overwrite)
+    old_header, done = _read_progress(out_dir)
+    fresh = old_header is None
+    images, masks = _open_arrays(out_dir, header, fresh)
+    if fresh:  # header last: a folder with a header always has its arrays
+        done = {}
+        atomic_write_bytes(out_dir / "manifest.csv", manifest_path.read_bytes())
+        atomic_write_text(out_dir / "progress.jsonl", json.dumps({"header": header}) + "\n")
+    tasks = [_task(manifest, i, size, fit) for i in range(len(manifest)) if i not in done]
+    n_workers = min(_default_workers() if workers is None else workers, len(tasks))
+    bar = tqdm(
+        total=len(manifest),
+        initial=len(manifest) - len(tasks),
+        disable=not progress,
+        unit="img",
+        desc="prepare",
+        dynamic_ncols=True,
+    )
+    start = time.perf_counter()
+    try:
+        n_done = _run(tasks, _Writer(out_dir, images, masks, chunk), n_workers, chunk, bar, _after_row)
+    except KeyboardInterrupt:
+        records = _read_progress(out_dir)[1]
+        _write_failures(out_dir, manifest, records)
+        remaining = len(manifest) - len(records)
+        raise PrepareInterrupted(
+            f"prepare interrupted: {len(records)} of {len(manifest)} rows are saved in {out_dir}, "
+            f"{remaining} remain. Resume with: {resume_command(header, out_dir)}"
+        ) from None
+    seconds = time.perf_counter() - start
+    return _finish(out_dir, header, manifest, n_done, len(manifest) - len(tasks), seconds)
+
+
+def _task(manifest: Manifest, i: int, size: int, fit: str) -> _Task:
+    row = manifest.rows[i]
+    mask = manifest.resolve_mask(row)
+    return _Task(i, str(manifest.resolve(row)), None if mask is None else str(mask), size, fit)
+
+
+def _finish(
+    out_dir: Path, header: dict[str, Any], manifest: Manifest, n_done: int, n_skipped: int, seconds: float
+) -> PrepareReport:
+    records = _read_progress(out_dir)[1]
+    failures = _write_failures(out_dir, manifest, records)
+    if len(records) != header["n"]:  # only if rows vanished from the log underneath us
+        raise DataError(
+            f"{out_dir}: {header['n'] - len(records)} rows missing from progress.jsonl after "
+            f"the run; rerun: {resume_command(header, out_dir)}"
+        )
+    index = _write_index(out_dir, header, manifest, records)
+    if index["n_ok"] == 0:
+        logger.error("%s: no image could be decoded; see failures.csv", out_dir)
+    elif failures:
+        logger.warning(
+            "%d of %d images could not be read; see %s", len(failures), header["n"], out_dir / "failures.csv"
+        )
+    return PrepareReport(
+        out_dir,
+        header["n"],
+        n_done,
+        n_skipped,
+        index["n_ok"],
+        index["n_failed"],
+        failures,
+        seconds,
+        n_done / seconds if seconds > 0 else 0.0,
+    )
