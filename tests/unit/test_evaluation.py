@@ -26,6 +26,7 @@ from sscxr.evaluation import (
     evaluate_arrays,
     evaluate_models,
     metric_summary,
+    open_split,
     parse_split_spec,
     parse_threshold,
     predict,
@@ -115,6 +116,12 @@ def test_parse_split_spec() -> None:
     assert parse_split_spec("/x/c:val,test").splits == ("val", "test")
     with pytest.raises(ConfigError, match="CACHE_DIR:SPLIT"):
         parse_split_spec("cache/a")
+
+
+def test_all_rows_tokens(cache_dir: Path) -> None:
+    cache, every = open_split(parse_split_spec(f"{cache_dir}:*"))
+    assert np.array_equal(open_split(parse_split_spec(f"{cache_dir}:all"))[1], every)
+    assert np.array_equal(every, cache.indices())
 
 
 def test_choose_threshold_rules() -> None:

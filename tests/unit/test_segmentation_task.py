@@ -203,6 +203,7 @@ def test_parse_specs() -> None:
     assert parse_test_spec("mc=/data/cache:test_site") == SegTestSpec("mc", Path("/data/cache"), "test_site")
     assert parse_test_spec("mc=cache") == SegTestSpec("mc", Path("cache"), "test")
     assert parse_test_spec("mc=cache:all").split is None
+    assert parse_test_spec("mc=cache:*").split is None  # the same tokens as `sscxr evaluate`
     assert parse_model_spec("ss-cxr=runs/a") == ("ss-cxr", Path("runs/a"))
     assert parse_model_spec("runs/b") == ("b", Path("runs/b"))
     for bad in ("nocache", "=x", "a="):

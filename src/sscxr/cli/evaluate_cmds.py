@@ -111,7 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         type=named,
         default=[],
         metavar="NAME=CACHE_DIR:SPLIT",
-        help="a named test set, e.g. 'unseen sites=cache/x:test_site' (split '*' = all rows)",
+        help="a named test set, e.g. 'unseen sites=cache/x:test_site' (split '*' or 'all' = all rows)",
     )
     p.add_argument("--val", metavar="CACHE_DIR:SPLIT", help="validation split the threshold is chosen on")
     p.add_argument(

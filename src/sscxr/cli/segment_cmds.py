@@ -129,7 +129,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         action="append",
         required=True,
         metavar="NAME=CACHE[:SPLIT]",
-        help="a test set: rows of SPLIT (default test; 'all' = every row) with masks, repeatable",
+        help="a test set: rows of SPLIT (default test; 'all' or '*' = every row) with masks, repeatable",
     )
     p.add_argument("--out", required=True, type=Path, help="report folder")
     p.add_argument(

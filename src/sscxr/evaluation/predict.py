@@ -59,7 +59,7 @@ class SplitSpec:
 
 
 def parse_split_spec(text: str) -> SplitSpec:
-    """Parse ``CACHE_DIR:SPLIT`` (split names separated by commas; ``*`` for all rows).
+    """Parse ``CACHE_DIR:SPLIT`` (split names separated by commas; ``*`` or ``all`` for all rows).
 
     Raises:
         ConfigError: no ``:SPLIT`` part (a split must be named so a test never silently includes train).
@@ -80,7 +80,8 @@ def open_split(spec: SplitSpec) -> tuple[ImageCache, np.ndarray]:
         DataError: no such cache, or the split selects no rows (the message lists the splits present).
     """
     cache = ImageCache.open(spec.cache_dir)
-    idx = cache.indices() if spec.splits == ("*",) else cache.indices(split=spec.splits)
+    # "*" and "all" both mean every row, as in `sscxr segment evaluate`.
+    idx = cache.indices() if spec.splits in (("*",), ("all",)) else cache.indices(split=spec.splits)
     if idx.size == 0:
         present = sorted({r.split for r in cache.rows})
         raise DataError(

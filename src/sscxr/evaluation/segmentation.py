@@ -82,14 +82,15 @@ def parse_model_spec(text: str) -> tuple[str, Path]:
 
 
 def parse_test_spec(text: str) -> SegTestSpec:
-    """`NAME=CACHE[:SPLIT]` -> SegTestSpec; without `:SPLIT` the split is "test", `:all` = every row."""
+    """`NAME=CACHE[:SPLIT]` -> SegTestSpec; without `:SPLIT` the split is "test"; `:all` or `:*` = every
+    row (the same tokens as `sscxr evaluate`)."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise ConfigError(f"--test {text!r}: expected NAME=CACHE:SPLIT (e.g. montgomery=cache/mc:test)")
     cache, colon, split = rest.rpartition(":")
     if not colon or "/" in split or os.sep in split or not cache:
         cache, split = rest, "test"  # no split given (or the colon belongs to the path)
-    return SegTestSpec(name, Path(cache), None if split == "all" else split)
+    return SegTestSpec(name, Path(cache), None if split in ("all", "*") else split)
 
 
 def resolve_device(device: str) -> torch.device:
