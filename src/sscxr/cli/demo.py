@@ -20,7 +20,7 @@ from sscxr.errors import SSCXRError
 
 # Encoder starts compared, as the paper's rows: name -> extra fine-tuning overrides (pre-training folder
 # substituted for {pre}). SS-IN (ImageNet weights) needs a file the user downloaded: see the README.
-STARTS = {"scratch": [], "ss-cxr": ["{key}.init=sscxr", "{key}.init_path={pre}"]}
+STARTS = {"scratch": ["{key}.init=scratch"], "ss-cxr": ["{key}.init=sscxr", "{key}.init_path={pre}"]}
 
 
 def _run(argv: list[str]) -> None:
@@ -53,28 +53,31 @@ def _common(args: argparse.Namespace, cache: Path) -> list[str]:
     return common
 
 
-def _starts(key: str, pre: Path) -> dict[str, list[str]]:
-    return {name: [o.format(key=key, pre=pre) for o in extra] for name, extra in STARTS.items()}
+def _fine_tunings(
+    command: list[str], key: str, extra: list[str], args: argparse.Namespace, out: Path, runs: Path
+) -> tuple[list[list[str]], list[str]]:
+    """One training command per encoder start, and the `--model NAME=RUN` arguments that evaluate them.
+
+    Args:
+        command: the subcommand and its config (e.g. `["finetune", "-c", "classify/tiny"]`).
+        key: the config section holding `init` / `init_path` (`classify`, `seg`).
+        extra: overrides of this stage besides the shared ones.
+    """
+    cache = out / "cache"
+    steps = [
+        [*command, *_common(args, cache), *extra, *(o.format(key=key, pre=out / "pretrain") for o in start),
+         "--out", str(runs / name)]
+        for name, start in STARTS.items()
+    ]  # fmt: skip
+    models = [a for name in STARTS for a in ("--model", f"{name}={runs / name}")]
+    return steps, models
 
 
 def _classification(args: argparse.Namespace, out: Path, cache: Path) -> None:
-    runs = out / "classify"
-    steps = []
-    for name, extra in _starts("classify", out / "pretrain").items():
-        steps.append(
-            [
-                "finetune",
-                "-c",
-                "classify/tiny",
-                *_common(args, cache),
-                f"classify.task={args.task}",
-                f"classify.labelled_fraction={args.labelled_fraction}",
-                *extra,
-                "--out",
-                str(runs / name),
-            ]
-        )
-    models = [a for name in STARTS for a in ("--model", f"{name}={runs / name}")]
+    task = [f"classify.task={args.task}", f"classify.labelled_fraction={args.labelled_fraction}"]
+    steps, models = _fine_tunings(
+        ["finetune", "-c", "classify/tiny"], "classify", task, args, out, out / "classify"
+    )
     tests = [
         "--test",
         f"training distribution={cache}:test",
@@ -102,22 +105,9 @@ def _classification(args: argparse.Namespace, out: Path, cache: Path) -> None:
 
 
 def _segmentation(args: argparse.Namespace, out: Path, cache: Path) -> None:
-    runs = out / "segment"
-    steps = []
-    for name, extra in _starts("seg", out / "pretrain").items():
-        steps.append(
-            [
-                "segment",
-                "train",
-                "-c",
-                "segment/tiny",
-                *_common(args, cache),
-                *(extra or ["seg.init=scratch"]),
-                "--out",
-                str(runs / name),
-            ]
-        )
-    models = [a for name in STARTS for a in ("--model", f"{name}={runs / name}")]
+    steps, models = _fine_tunings(
+        ["segment", "train", "-c", "segment/tiny"], "seg", [], args, out, out / "segment"
+    )
     steps.append(
         [
             "segment",

@@ -46,8 +46,10 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from err
 
 
-def resolve_device(device: str, local_rank: int) -> torch.device:
-    """'auto' -> this process's CUDA device if CUDA is available, else CPU; 'cuda' -> cuda:local_rank."""
+def resolve_device(device: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' (or None) -> this process's CUDA device if CUDA is available, else CPU; 'cuda' ->
+    cuda:local_rank; anything else as given (CUDA asked for but missing is an error)."""
+    device = "auto" if device is None else str(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

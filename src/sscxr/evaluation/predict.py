@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sscxr.data.cache import ImageCache
+from sscxr.engine.distributed import resolve_device
 from sscxr.errors import ConfigError, DataError
 from sscxr.utils import atomic_write_text
 
@@ -129,13 +130,6 @@ def class_targets(cache: ImageCache, indices: np.ndarray, label_map: Mapping[str
         patients=np.array([r.patient_id or r.path for r in kept], dtype=object),
         excluded=dict(sorted(excluded.items())),
     )
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``"auto"`` / None -> CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from sscxr.data.cache import ImageCache, fit_geometry, resize_to_cache
 from sscxr.data.io import is_image_file, read_xray
+from sscxr.engine.distributed import resolve_device
 from sscxr.errors import ConfigError, DataError, SSCXRError
 from sscxr.metrics.classification import MetricValue
 from sscxr.metrics.segmentation import (
@@ -91,13 +92,6 @@ def parse_test_spec(text: str) -> SegTestSpec:
     if not colon or "/" in split or os.sep in split or not cache:
         cache, split = rest, "test"  # no split given (or the colon belongs to the path)
     return SegTestSpec(name, Path(cache), None if split in ("all", "*") else split)
-
-
-def resolve_device(device: str) -> torch.device:
-    """ "auto" -> CUDA when available, else CPU; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ------------------------------------------------------------------------------------- evaluation
