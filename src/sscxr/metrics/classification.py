@@ -156,8 +156,12 @@ def sklearn_aucs(y_bin: np.ndarray, score: np.ndarray) -> tuple[MetricValue, Met
     `average_precision`. Used for every reported point estimate; bootstrap resamples use the fast,
     equal (tested to 1e-12) implementations above."""
     y = np.asarray(y_bin, dtype=bool)
-    roc = auc_roc(y, score)  # only for the undefined check and its reason
-    roc = defined(float(roc_auc_score(y, score))) if roc.defined else roc
+    one_class = y.all() or not y.any()  # the case `auc_roc` calls undefined, with its reason
+    roc = (
+        undefined("only one class present in y_true")
+        if one_class
+        else defined(float(roc_auc_score(y, score)))
+    )
     pr = (
         defined(float(average_precision_score(y, score)))
         if y.any()
