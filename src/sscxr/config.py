@@ -82,6 +82,9 @@ class GMMLConfig:
     # the test sets must never be seen, or the test results would be optimistic).
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     n_vis: int = 8  # images in the per-epoch reconstruction grid
+    # Keep an encoder export every N epochs in `snapshots/epoch_NNN` (0 = only the final one), so
+    # frozen-feature quality can be measured against pre-training time (`sscxr probe` on each).
+    snapshot_every: int = 0
 
 
 @dataclass

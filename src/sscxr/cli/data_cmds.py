@@ -42,6 +42,8 @@ def _read_layout(args: argparse.Namespace) -> Manifest:
         raise ConfigError(f"'sscxr import {layout}' needs {', '.join(missing)}")
     if layout == "folder":
         return importers.import_folder(args.root, site=args.site)
+    if layout == "kermany":
+        return importers.import_kermany(args.root, site=args.site or "kermany")
     if layout == "covidx":
         return importers.import_covidx(args.root)
     if layout == "montgomery":
@@ -139,7 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("import", help="write a manifest from a folder or a published data set layout")
-    p.add_argument("layout", choices=["folder", "covidx", "montgomery", "shenzhen", "pairs", "jsrt", "csv"])
+    p.add_argument("layout", choices=["folder", "kermany", "covidx", "montgomery", "shenzhen", "pairs", "jsrt", "csv"])
     p.add_argument(
         "root", type=Path, help="data set folder (pairs, jsrt: the image folder; csv: the CSV file)"
     )

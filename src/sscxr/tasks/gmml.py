@@ -8,6 +8,7 @@ continues bit for bit. The task only runs the model and the masked L1 loss.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,8 +53,11 @@ class GMMLTask(Task):
         normalization: Normalization,
         vis_batch: Batch | None = None,
         extra_export: dict[str, Any] | None = None,
+        snapshot_every: int = 0,
     ) -> None:
         super().__init__()
+        self.snapshot_every = int(snapshot_every)
+        self._t0: float | None = None  # wall clock of the first training step of this process
         self.model = model
         self.vit_cfg = vit_cfg
         self.normalization = normalization
@@ -72,6 +76,8 @@ class GMMLTask(Task):
         return loss, pred
 
     def training_step(self, batch: Batch) -> StepOutput:
+        if self._t0 is None:
+            self._t0 = time.monotonic()
         loss, _ = self._loss(batch)
         return StepOutput(loss=loss, logs={"loss": loss.detach(), "mask_frac": batch["mask"].float().mean()})
 
@@ -92,6 +98,12 @@ class GMMLTask(Task):
 
     @torch.no_grad()
     def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
+        if self.snapshot_every and (epoch + 1) % self.snapshot_every == 0:
+            # Time since this process started training (a resumed run counts from its restart).
+            elapsed = None if self._t0 is None else round(time.monotonic() - self._t0, 1)
+            extra = {"pretraining": "gmml", **self.extra_export, "epoch": epoch + 1, "train_seconds": elapsed}
+            snap = Path(run_dir) / "snapshots" / f"epoch_{epoch + 1:03d}"
+            export_encoder(self.model.encoder, self.vit_cfg, self.normalization, snap / "encoder", extra)
         if self.vis_batch is None:
             return
         was_training = self.training
@@ -161,4 +173,5 @@ def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDat
         encoder, recon_blocks=blocks, hidden=cfg.gmml.decoder_hidden, bottleneck=cfg.gmml.decoder_bottleneck
     )
     extra = {"cache": str(cfg.data.cache), "manifest_hash": cache.manifest_hash}
-    return GMMLTask(model, cfg.model, norm, vis_batch, extra), train_set, val_set
+    task = GMMLTask(model, cfg.model, norm, vis_batch, extra, snapshot_every=cfg.gmml.snapshot_every)
+    return task, train_set, val_set

@@ -10,6 +10,7 @@ image + mask pairs, JSRT label images); shared helpers in `common.py`. Import th
 from __future__ import annotations
 
 from sscxr.data.importers.common import pseudonym
+from sscxr.data.importers.kermany import import_kermany
 from sscxr.data.importers.labelled import SPLIT_NAMES, import_covidx, import_csv, import_folder
 from sscxr.data.importers.masks import (
     MASK_SUFFIX_CANDIDATES,
@@ -29,6 +30,7 @@ __all__ = [
     "import_folder",
     "import_image_mask_pairs",
     "import_jsrt_masks",
+    "import_kermany",
     "import_montgomery",
     "import_shenzhen",
     "pseudonym",
