@@ -50,6 +50,7 @@ def test_finetune_from_a_gmml_export_on_a_synthetic_cohort(tmp_path: Path) -> No
         "finetune", "-c", "classify/tiny", *TINY_MODEL, f"data.cache={tmp_path / 'cache'}",
         "classify.task=three_class", "classify.init=sscxr", f"classify.init_path={tmp_path / 'gmml'}",
         "classify.labelled_fraction=0.5", "classify.class_balance=loss_weights", "optim.layer_decay=0.75",
+        "classify.mode=lp_ft", "train.min_steps=null",  # one epoch on purpose: flagged as few_steps
         "train.epochs=1", "train.batch_size=4", "train.workers=0", "train.progress=false", "--out", str(out),
     ]  # fmt: skip
     args = _parse(argv)
@@ -81,5 +82,13 @@ def test_finetune_from_a_gmml_export_on_a_synthetic_cohort(tmp_path: Path) -> No
         and "classify.init=sscxr" in meta["command"]
     )
     assert meta["manifest_hash"] and meta["decision"] == "argmax"
+    # The few-label recipe and its guards, recorded.
+    assert meta["mode"] == "lp_ft" and meta["pool"] == "avg"
+    assert meta["lp_init"]["n_images"] == meta["labelled_subset"]["images"]
+    assert meta["lp_init"]["class_weight"] == "balanced"
+    assert meta["layer_decay"] == {"value": 0.75, "from": "optim.layer_decay"}
+    assert meta["class_balance"]["setting"] == meta["class_balance"]["used"] == "loss_weights"
+    codes = {f["code"] for f in meta["flags"]}
+    assert {"few_steps", "small_validation"} <= codes and all(f["message"] for f in meta["flags"])
     model, _ = load_classifier(out)
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 3)

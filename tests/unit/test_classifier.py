@@ -23,9 +23,11 @@ CACHE_NORM = Normalization(mean=0.5, std=0.25)
 HEAD = ["head.bias", "head.weight"]
 
 
-def _classifier(names: tuple[str, ...] = ("non-covid", "covid-19"), seed: int = 0) -> ViTClassifier:
+def _classifier(
+    names: tuple[str, ...] = ("non-covid", "covid-19"), seed: int = 0, pool: str = "avg"
+) -> ViTClassifier:
     torch.manual_seed(seed)  # tests only: timm initialises from the global RNG
-    return ViTClassifier(build_vit(TINY), names, drop_rate=0.1, seed=seed)
+    return ViTClassifier(build_vit(TINY), names, drop_rate=0.1, seed=seed, pool=pool)
 
 
 def _gmml_run(tmp_path: Path) -> tuple[Path, VisionTransformer]:
@@ -49,19 +51,36 @@ def _timm_file(tmp_path: Path, depth: int = 4) -> tuple[Path, VisionTransformer]
 
 
 def test_forward_shapes_and_standardisation() -> None:
-    model = _classifier().eval()
+    model = _classifier(pool="token").eval()
     model.set_normalization(CACHE_NORM)
     x = torch.rand(3, 1, 32, 32)
     logits = model(x)
     assert logits.shape == (3, 2)
     assert model.features(x).shape == (3, 32)
-    # The model standardises its [0, 1] input itself: forward == encoder on the standardised image.
+    # The model standardises its [0, 1] input itself: with the class token, forward == timm's own
+    # class-token classifier on the standardised image.
     expected = model.encoder((x - CACHE_NORM.mean) / CACHE_NORM.std)
     torch.testing.assert_close(logits, expected)
     probs = model.predict_proba(x)
     torch.testing.assert_close(probs.sum(-1), torch.ones(3))
     assert model.thresholds == {"default": 0.5} and model.normalization == CACHE_NORM
     assert _classifier(("healthy", "pneumonia", "covid-19")).thresholds == {}
+
+
+def test_avg_pool_is_the_mean_of_the_final_norm_patch_tokens() -> None:
+    avg, token = _classifier(pool="avg").eval(), _classifier(pool="token").eval()
+    assert avg.state_dict().keys() == token.state_dict().keys()  # the pooling owns no parameter
+    token.load_state_dict(avg.state_dict())
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        tokens = avg.encoder.forward_features(avg.standardize(x))  # (B, 1 + 16, D), after encoder.norm
+        assert tokens.shape == (3, 17, 32)
+        torch.testing.assert_close(avg.features(x), tokens[:, 1:].mean(dim=1))
+        torch.testing.assert_close(token.features(x), tokens[:, 0])
+        assert not torch.allclose(avg.features(x), token.features(x))
+        torch.testing.assert_close(avg(x), avg.encoder.head(tokens[:, 1:].mean(dim=1)))
+    with pytest.raises(ValueError, match="pool"):
+        ViTClassifier(build_vit(TINY), ("a", "b"), pool="max")
 
 
 def test_every_parameter_gets_a_finite_gradient() -> None:
@@ -191,12 +210,24 @@ def test_export_and_load_round_trip(tmp_path: Path) -> None:
     ]
     assert meta["normalization"] == {"mean": 0.5, "std": 0.25} and meta["decision"] == "argmax"
     assert meta["vit"]["embed_dim"] == 32 and meta["img_size"] == 32 and meta["task"] == "three_class"
+    assert meta["pool"] == "avg"
     x = torch.rand(4, 1, 32, 32)
     for given in (tmp_path, weights, meta_path):
         loaded, got = load_classifier(given)
         assert not loaded.training and got == meta
         assert loaded.class_names == model.class_names and loaded.normalization == CACHE_NORM
-        assert torch.equal(loaded(x), model(x))
+        assert loaded.pool == "avg" and torch.equal(loaded(x), model(x))
+
+
+def test_old_model_json_without_pool_loads_as_class_token(tmp_path: Path) -> None:
+    model = _classifier(pool="token").eval()
+    export_classifier(model, TINY, tmp_path / "model")
+    meta = json.loads((tmp_path / "model.json").read_text())
+    del meta["pool"]  # as written before pooling was an option
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    loaded, _ = load_classifier(tmp_path)
+    x = torch.rand(2, 1, 32, 32)
+    assert loaded.pool == "token" and torch.equal(loaded(x), model(x))
 
 
 def test_load_refuses_foreign_or_broken_files(tmp_path: Path) -> None:

@@ -229,6 +229,30 @@ def test_metrics_log_config_and_lr_per_iteration(tmp_path: Path) -> None:
     assert again.state.step == result.state.step == 20
 
 
+def test_min_steps_floor_trains_longer_validates_less_and_resumes_exactly(tmp_path: Path) -> None:
+    # 36 samples at batch 16: 2 steps per epoch; 10 epochs would be 20 steps, the floor asks for 60.
+    floor = {"n": 36, "batch_size": 16, "epochs": 10, "min_steps": 60, "log_every": 1}
+    torch.manual_seed(0)
+    straight = ToyTask()
+    result = _fit(tmp_path / "straight", straight, **floor)
+    assert result.state.step == 60 and result.state.epoch == 30
+    records = read_metrics(tmp_path / "straight")
+    assert max(r["step"] for r in records if r["split"] == "train") == 60
+    # 30 epochs, at most MAX_FLOOR_VALIDATIONS (25) validations: every 2nd epoch; the last always.
+    assert [r["epoch"] for r in records if r["split"] == "val"] == list(range(1, 30, 2))
+    # The schedule spans the 60 steps: the lr reaches min_lr at the last one.
+    lrs = [r["metrics"]["train/lr"] for r in records if r["split"] == "train"]
+    assert lrs[-1] == pytest.approx(1e-6) and max(lrs) == pytest.approx(2e-2)
+    # Stopped after 23 steps and resumed, the planned length (a function of config + data) is the same.
+    torch.manual_seed(0)
+    _fit(tmp_path / "split", ToyTask(), max_steps=23, **floor)
+    torch.manual_seed(99)
+    resumed = ToyTask()
+    again = _fit(tmp_path / "split", resumed, resume="auto", **floor)
+    assert again.state.step == 60
+    _assert_equal(_weights(straight), _weights(resumed))
+
+
 def test_set_epoch_reaches_the_training_set(tmp_path: Path) -> None:
     train = ToyDataset()
     fit(

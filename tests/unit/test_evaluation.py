@@ -253,6 +253,9 @@ def test_threshold_chosen_on_validation_only(cache_dir: Path, tmp_path: Path) ->
     # Frozen at 0.6, every covid-19 test image (p <= 0.5) is missed: with 0.35 they would all be found.
     assert _value(res, "covid-19", "sensitivity")["value"] == 0.0
     assert res["confusion"] == [[4, 0], [4, 0]]
+    # ... a degenerate operating point (sensitivity 0, specificity 1): flagged in the result.
+    assert [f["code"] for f in res["flags"]] == ["degenerate_operating_point"]
+    assert "sensitivity 0.000, specificity 1.000" in res["flags"][0]["message"]
 
 
 def test_evaluate_models_outputs(cache_dir: Path, tmp_path: Path) -> None:
@@ -263,6 +266,10 @@ def test_evaluate_models_outputs(cache_dir: Path, tmp_path: Path) -> None:
     assert res["test"]["counts"]["healthy"] == {"images": 4, "patients": 3}
     assert doc["test_sets"]["test"]["labels"]["pneumonia"] == {"images": 2, "patients": 2}
     assert _value(res["pediatric"], "covid-19", "sensitivity")["value"] is None
+    # At 0.5 on the test set: sensitivity 0.25, specificity 1.0 -> flagged; the pediatric set has no
+    # covid-19 (sensitivity undefined) and specificity 2/3: nothing to flag.
+    assert [f["code"] for f in res["test"]["flags"]] == ["degenerate_operating_point"]
+    assert res["pediatric"]["flags"] == []
     with (tmp_path / res["test"]["predictions_csv"]).open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and {r["label"] for r in rows} == {"healthy", "covid-19"}

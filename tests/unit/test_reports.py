@@ -182,6 +182,37 @@ def test_report_command_rebuilds_across_runs(report: tuple[Path, dict[str, Any]]
     assert [d["run"] for d in docs] == ["run-a", "run-b"]
 
 
+def test_report_shows_degenerate_operating_point_and_training_flags(tmp_path: Path) -> None:
+    # Youden on validation picks 0.6; every covid-19 test image scores <= 0.5: sensitivity 0, specificity 1.
+    cache = write_cohort(tmp_path / "data")
+    few = {
+        "code": "few_steps",
+        "message": "only 20 optimiser steps (fewer than 300): set train.min_steps=300",
+    }
+    meta = {**BINARY_META, "flags": [few]}
+    opts = EvalOptions(ThresholdRule("youden"), n_boot=0, progress=False, device="cpu")
+    tests = [TestSpec("training distribution", SplitSpec(cache, ("test",)))]
+    doc = evaluate_models(
+        [ModelSpec("m", MeanModel(), meta)], tests, SplitSpec(cache, ("val",)), opts, tmp_path
+    )
+    files = write_report(doc, tmp_path / "rep", figures=False)
+    saved = json.loads(files.json.read_text())
+    assert [f["code"] for f in saved["results"][0]["flags"]] == ["degenerate_operating_point"]
+    assert saved["models"]["m"]["training_flags"] == [few]
+    md, html = _texts(tmp_path / "rep")
+    line = (
+        "⚠ m on training distribution (threshold 0.6): degenerate operating point: "
+        "sensitivity 0.000, specificity 1.000"
+    )
+    assert line in md and line in html
+    assert "⚠ m (training, few_steps): only 20 optimiser steps" in md
+    # A model and test set without flags show no Flags section.
+    ok = evaluate_models([ModelSpec("m", MeanModel(), dict(BINARY_META))],
+                         [TestSpec("pediatric", SplitSpec(cache, ("pediatric",)))], None,
+                         EvalOptions(n_boot=0, progress=False, device="cpu"), tmp_path / "ok")  # fmt: skip
+    assert "⚠" not in (write_report(ok, tmp_path / "rep_ok", figures=False).markdown.read_text())
+
+
 def test_fmt_metric() -> None:
     row = {"metric": "accuracy", "value": 0.8925, "ci_low": 0.85, "ci_high": 0.93, "reason": None}
     assert fmt_metric(row) == "89.25 [85.00, 93.00]"

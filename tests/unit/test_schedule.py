@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -11,11 +12,15 @@ from torch import nn
 
 from sscxr.engine.config import OptimConfig, TrainConfig
 from sscxr.engine.schedule import (
+    MAX_FLOOR_VALIDATIONS,
+    EpochPlan,
     apply_layer_decay,
     build_optimizer,
     build_schedules,
     cosine_schedule,
+    plan_epochs,
     resolve_lr,
+    warmup_steps,
 )
 from sscxr.errors import ConfigError
 from sscxr.tasks.base import Batch, StepOutput, Task
@@ -58,6 +63,37 @@ def test_build_schedules_lengths_and_constant_weight_decay() -> None:
     assert lr.shape == wd.shape == (12,)
     assert lr[4] == pytest.approx(1.0) and lr[-1] == pytest.approx(0.0)
     assert np.allclose(wd, 0.05)
+
+
+def test_min_steps_floor_raises_epochs_and_spaces_validation(caplog: pytest.LogCaptureFixture) -> None:
+    # 36 images at batch 16: 2 steps per epoch; 40 epochs are 80 steps, below the floor of 300.
+    caplog.set_level(logging.INFO)
+    plan = plan_epochs(TrainConfig(epochs=40, min_steps=300), steps_per_epoch=2, n_samples=36)
+    assert plan.raised and plan.epochs == 150 and plan.epochs * 2 >= 300
+    assert plan.val_every == math.ceil(150 / MAX_FLOOR_VALIDATIONS) == 6
+    assert "80 optimiser steps, below train.min_steps=300: training 150 epochs" in caplog.text
+    assert plan == plan_epochs(TrainConfig(epochs=40, min_steps=300), steps_per_epoch=2)  # pure
+    # Enough steps, or no floor: the config's own epochs and validation spacing.
+    assert plan_epochs(TrainConfig(epochs=40, min_steps=300, val_every=2), 8) == EpochPlan(40, 2, False)
+    assert plan_epochs(TrainConfig(epochs=3, min_steps=None), 1).epochs == 3
+    # A user's coarser val_every is kept.
+    assert plan_epochs(TrainConfig(epochs=1, min_steps=100, val_every=10), 1).val_every == 10
+    with pytest.raises(ConfigError, match="min_steps"):
+        TrainConfig(min_steps=0)
+
+
+def test_warmup_is_capped_at_a_fraction_of_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    # 5 warm-up epochs of a 10-epoch run at 2 steps per epoch would be half of its 20 steps.
+    caplog.set_level(logging.INFO)
+    capped = OptimConfig(warmup_epochs=5, warmup_max_fraction=0.1)
+    assert warmup_steps(capped, steps_per_epoch=2, total_steps=20) == 2
+    assert "warm-up capped" in caplog.text
+    assert warmup_steps(OptimConfig(warmup_epochs=5), 2, 20) == 10  # no cap by default (pre-training)
+    assert warmup_steps(capped, steps_per_epoch=2, total_steps=300) == 10  # under the cap: unchanged
+    lr, _ = build_schedules(capped, 1.0, steps_per_epoch=2, epochs=10)
+    assert lr[2] == pytest.approx(1.0) and np.all(np.diff(lr[:3]) > 0)  # peak right after 2 steps
+    with pytest.raises(ConfigError, match="warmup_max_fraction"):
+        OptimConfig(warmup_max_fraction=0.0)
 
 
 def test_config_validation() -> None:

@@ -8,7 +8,16 @@ import sys
 from collections.abc import Sequence
 
 from sscxr import __version__
-from sscxr.cli import classify_cmds, data_cmds, demo, evaluate_cmds, segment_cmds, train_cmds
+from sscxr.cli import (
+    classify_cmds,
+    data_cmds,
+    demo,
+    evaluate_cmds,
+    probe_cmds,
+    segment_cmds,
+    study_cmds,
+    train_cmds,
+)
 from sscxr.errors import SSCXRError
 
 log = logging.getLogger("sscxr")
@@ -28,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     classify_cmds.register(sub)
     segment_cmds.register(sub)
     evaluate_cmds.register(sub)
+    probe_cmds.register(sub)
+    study_cmds.register(sub)
     demo.register(sub)
     return parser
 

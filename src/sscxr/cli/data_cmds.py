@@ -141,7 +141,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("import", help="write a manifest from a folder or a published data set layout")
-    p.add_argument("layout", choices=["folder", "kermany", "covidx", "montgomery", "shenzhen", "pairs", "jsrt", "csv"])
+    p.add_argument(
+        "layout", choices=["folder", "kermany", "covidx", "montgomery", "shenzhen", "pairs", "jsrt", "csv"]
+    )
     p.add_argument(
         "root", type=Path, help="data set folder (pairs, jsrt: the image folder; csv: the CSV file)"
     )

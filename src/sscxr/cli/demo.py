@@ -1,12 +1,14 @@
 """`sscxr demo`: the main job on the built-in synthetic cohort, end to end, on a laptop CPU.
 
-Every stage is an ordinary `sscxr` command (printed before it runs, so it can be repeated by hand) and
-writes into its own folder under `--out`. Training stages resume from their run folder, so an
-interrupted demo continues where it stopped.
+The demo is the built-in study `demo` (`sscxr study`, `studies/demo.yaml`) with this command's options
+applied, then lung segmentation. Every stage is an ordinary `sscxr` command (printed before it runs, so
+it can be repeated by hand) and writes into its own folder under `--out`; the study and the training
+stages resume, so an interrupted demo continues where it stopped.
 
-Stages: synthetic cohort -> cache -> GMML pre-training (shared) -> classifiers fine-tuned on a small
-labelled subset from scratch and from the GMML encoder (SS-CXR) -> evaluation on the training
-distribution, an unseen site and the pediatric subset -> lung segmenters (scratch, SS-CXR) -> reports.
+Stages: synthetic cohort -> cache -> GMML pre-training -> probes (raw pixels, random encoder, frozen
+GMML encoder) and classifiers fine-tuned on a small labelled subset from scratch and from the GMML
+encoder (SS-CXR), five draws of the subset, evaluated on the training distribution, an unseen site and
+the pediatric subset -> the study report -> lung segmenters (scratch, SS-CXR) -> segmentation report.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import argparse
 import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 from sscxr.errors import SSCXRError
 
-# Encoder starts compared, as the paper's rows: name -> extra fine-tuning overrides (pre-training folder
-# substituted for {pre}). SS-IN (ImageNet weights) needs a file the user downloaded: see the README.
+# Encoder starts of the segmentation stage (the study has its own): name -> fine-tuning overrides
+# (pre-training folder substituted for {pre}). SS-IN (ImageNet weights) needs a file the user
+# downloaded: see the README.
 STARTS = {"scratch": ["{key}.init=scratch"], "ss-cxr": ["{key}.init=sscxr", "{key}.init_path={pre}"]}
 
 
@@ -43,9 +47,9 @@ def _stage(title: str, steps: list[list[str]]) -> None:
     print(f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def _common(args: argparse.Namespace, cache: Path) -> list[str]:
-    """Overrides every training stage shares: the cache, its image size, the seed, optional epochs/batch."""
-    common = [f"data.cache={cache}", f"model.img_size={args.size}", f"train.seed={args.seed}"]
+def _training(args: argparse.Namespace) -> list[str]:
+    """Overrides every training stage shares: the seed and the optional epochs / batch size / step floor."""
+    common = [f"train.seed={args.seed}"]
     if args.epochs is not None:
         common.append(f"train.epochs={args.epochs}")
     if args.batch_size is not None:
@@ -53,128 +57,69 @@ def _common(args: argparse.Namespace, cache: Path) -> list[str]:
     return common
 
 
-def _fine_tunings(
-    command: list[str], key: str, extra: list[str], args: argparse.Namespace, out: Path, runs: Path
-) -> tuple[list[list[str]], list[str]]:
-    """One training command per encoder start, and the `--model NAME=RUN` arguments that evaluate them.
+def demo_study(args: argparse.Namespace) -> dict[str, Any]:
+    """The built-in `demo` study with this command's options applied (as a YAML-ready dict)."""
+    from sscxr.config import load_yaml
+    from sscxr.study.spec import resolve_study_path
 
-    Args:
-        command: the subcommand and its config (e.g. `["finetune", "-c", "classify/tiny"]`).
-        key: the config section holding `init` / `init_path` (`classify`, `seg`).
-        extra: overrides of this stage besides the shared ones.
-    """
-    cache = out / "cache"
-    steps = [
-        [*command, *_common(args, cache), *extra, *(o.format(key=key, pre=out / "pretrain") for o in start),
-         "--out", str(runs / name)]
-        for name, start in STARTS.items()
-    ]  # fmt: skip
-    models = [a for name in STARTS for a in ("--model", f"{name}={runs / name}")]
-    return steps, models
-
-
-def _classification(args: argparse.Namespace, out: Path, cache: Path) -> None:
-    task = [f"classify.task={args.task}", f"classify.labelled_fraction={args.labelled_fraction}"]
-    steps, models = _fine_tunings(
-        ["finetune", "-c", "classify/tiny"], "classify", task, args, out, out / "classify"
-    )
-    tests = [
-        "--test",
-        f"training distribution={cache}:test",
-        "--test",
-        f"unseen site={cache}:test_site",
-        "--test",
-        f"pediatric={cache}:test_pediatric",
-    ]
-    steps.append(
-        [
-            "evaluate",
-            *models,
-            *tests,
-            "--val",
-            f"{cache}:val",
-            "--threshold",
-            "youden",
-            "--n-boot",
-            str(args.n_boot),
-            "--out",
-            str(out / "report_classification"),
-        ]
-    )
-    _stage(f"4. classification ({args.task}, {args.labelled_fraction:.0%} of the labels)", steps)
+    study = load_yaml(resolve_study_path("demo").read_text())
+    study["data"]["synth"] = {"n_adult": args.n_adult, "n_pediatric": args.n_pediatric,
+                              "size": args.synth_size, "seed": args.seed}  # fmt: skip
+    study["data"]["size"] = args.size
+    gmml = study["pretrain"]["gmml"]
+    gmml["config"] = args.config
+    gmml["overrides"] = [*gmml.get("overrides", []), *_training(args), *args.overrides]
+    ft = study["finetune"]
+    extra = [*_training(args)] + ([f"train.min_steps={args.min_steps}"] if args.min_steps is not None else [])
+    ft["overrides"] = [*ft.get("overrides", []), *extra]
+    study["tasks"] = [args.task]
+    study["fractions"] = [args.labelled_fraction]
+    if args.seeds is not None:
+        study["seeds"] = list(range(args.seeds))
+    study["n_boot"] = args.n_boot
+    return study
 
 
 def _segmentation(args: argparse.Namespace, out: Path, cache: Path) -> None:
-    steps, models = _fine_tunings(
-        ["segment", "train", "-c", "segment/tiny"], "seg", [], args, out, out / "segment"
-    )
-    steps.append(
-        [
-            "segment",
-            "evaluate",
-            *models,
-            "--test",
-            f"training distribution={cache}:test",
-            "--test",
-            f"unseen site={cache}:test_site",
-            "--postprocess",
-            "--n-boot",
-            str(args.n_boot),
-            "--out",
-            str(out / "report_segmentation"),
-        ]
-    )
-    _stage("5. lung segmentation (UNETR)", steps)
+    runs, steps, models = out / "segment", [], []
+    for name, start in STARTS.items():
+        init = [o.format(key="seg", pre=out / "pretrain" / "gmml") for o in start]
+        cfg = ["-c", "segment/tiny", f"data.cache={cache}", f"model.img_size={args.size}"]
+        steps.append(["segment", "train", *cfg, *_training(args), *init, "--out", str(runs / name)])
+        models += ["--model", f"{name}={runs / name}"]
+    steps.append([
+        "segment", "evaluate", *models, "--test", f"training distribution={cache}:test",
+        "--test", f"unseen site={cache}:test_site", "--postprocess", "--n-boot", str(args.n_boot),
+        "--out", str(out / "report_segmentation"),
+    ])  # fmt: skip
+    _stage("2. lung segmentation (UNETR)", steps)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """The whole main job; returns 0 when every stage succeeded."""
+    import yaml
+
+    from sscxr.utils import atomic_write_text
+
     out = Path(args.out)
-    cohort, cache = out / "cohort", out / "cache"
-    _stage(
-        "1. synthetic cohort",
-        [
-            [
-                "synth",
-                "--out",
-                str(cohort),
-                "--n-adult",
-                str(args.n_adult),
-                "--n-pediatric",
-                str(args.n_pediatric),
-                "--size",
-                str(args.synth_size),
-                "--seed",
-                str(args.seed),
-            ]
-        ],
-    )
-    _stage(
-        "2. image cache",
-        [["prepare", str(cohort / "manifest.csv"), "--out", str(cache), "--size", str(args.size)]],
-    )
-    pre = [
-        "pretrain",
-        "-c",
-        args.config,
-        *_common(args, cache),
-        *args.overrides,
-        "--out",
-        str(out / "pretrain"),
-    ]
-    _stage("3. GMML pre-training", [pre])
+    out.mkdir(parents=True, exist_ok=True)
+    study_file = out / "demo_study.yaml"
+    text = "# `sscxr demo`'s study: the built-in studies/demo.yaml with the demo's options\n"
+    text += yaml.safe_dump(demo_study(args), sort_keys=False)
+    if not study_file.exists() or study_file.read_text() != text:
+        atomic_write_text(study_file, text)
+    study = ["study", str(study_file), "--out", str(out)]
+    if args.pretrain_only:
+        study.append("--pretrain-only")
+    _stage("1. the study: cohort, cache, GMML pre-training, probes, fine-tuning, report", [study])
     if not args.pretrain_only:
-        _classification(args, out, cache)
-        _segmentation(args, out, cache)
+        _segmentation(args, out, out / "data" / "cache")
     print(
-        f"\ndone. Contact sheet: {cohort / 'contact_sheet.png'}; "
-        f"reconstructions: {out / 'pretrain' / 'recon'}"
+        f"\ndone. Contact sheet: {out / 'data' / 'cohort' / 'contact_sheet.png'}; "
+        f"reconstructions: {out / 'pretrain' / 'gmml' / 'recon'}"
     )
     if not args.pretrain_only:
-        print(
-            f"reports: {out / 'report_classification' / 'report.html'}, "
-            f"{out / 'report_segmentation' / 'report.html'}"
-        )
+        print(f"reports: {out / 'report.html'}, {out / 'report_segmentation' / 'report.html'}")
     return 0
 
 
@@ -195,6 +140,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="epochs of every training stage (default: each config's; 1 = a quick smoke run)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="batch size of every training stage")
+    p.add_argument(
+        "--min-steps", type=int, default=None, help="fine-tuning step floor (default: the config's)"
+    )
+    p.add_argument("--seeds", type=int, default=None, help="labelled-subset draws (default: the study's 5)")
     p.add_argument("--task", default="healthy_vs_pathology", help="classification task")
     p.add_argument("--labelled-fraction", type=float, default=0.3, help="share of training patients labelled")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for the intervals")

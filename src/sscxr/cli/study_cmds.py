@@ -40,21 +40,25 @@ def _study(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
         header = f"# sscxr study {args.study}" + "".join(f" --set {s!r}" for s in args.set) + "\n"
-        body = text if not overrides else __import__("yaml").safe_dump(
-            {**(load_yaml(text) or {}), **overrides}, sort_keys=False
+        body = (
+            text
+            if not overrides
+            else __import__("yaml").safe_dump({**(load_yaml(text) or {}), **overrides}, sort_keys=False)
         )
         atomic_write_text(saved, header + body)
     steps = plan(spec, out)
     write_commands(steps, out / "commands.sh")
     t0 = time.perf_counter()
+    if args.pretrain_only:
+        steps = [s for s in steps if s.title.startswith(("data", "pre-training"))]
     timings = {} if args.report_only else run_steps(steps, dry_run=args.dry_run)
-    if args.dry_run:
+    if args.dry_run or args.pretrain_only:
         return 0
     print("\n== report ==", flush=True)
     results = collect(spec, out, n_boot=args.n_boot)
     report = write_study_report(spec, results, out, (out / "commands.sh").read_text(), timings)
-    print(f"study {spec.name}: {time.perf_counter() - t0:.0f} s; report {report.markdown} (+ {report.html.name}, "
-          f"{report.json.name}, {report.csv.name})")  # fmt: skip
+    others = f"{report.html.name}, {report.json.name}, {report.csv.name}"
+    print(f"study {spec.name}: {time.perf_counter() - t0:.0f} s; report {report.markdown} (+ {others})")
     _print_headline(results)
     return 0
 
@@ -65,7 +69,9 @@ def _print_headline(results) -> None:  # type: ignore[no-untyped-def]
     for cell in results.cells:
         if cell.comparison is None:
             continue
-        print(f"\n{cell.task}, {cell.fraction:.0%} labels, {cell.test} (draws {list(cell.comparison.seeds)}):")
+        print(
+            f"\n{cell.task}, {cell.fraction:.0%} labels, {cell.test} (draws {list(cell.comparison.seeds)}):"
+        )
         for r, rr in sorted(cell.comparison.rows.items(), key=lambda kv: -kv[1].metrics["auc_roc"].mean):
             print(f"  {r:<28} AUC-ROC {fmt_estimate(rr.metrics['auc_roc'])}")
 
@@ -89,5 +95,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="replace a top-level key of the study, e.g. --set 'seeds=[0,1]'")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the steps that would run, run nothing")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from what is done")
+    p.add_argument("--pretrain-only", action="store_true", help="stop after the data and pre-training steps")
     p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default: the study's)")
     p.set_defaults(func=_study)

@@ -18,6 +18,10 @@ class OptimConfig:
         lr: absolute learning rate; overrides `blr` when given.
         min_lr: learning rate at the end of the cosine decay.
         warmup_epochs: linear warm-up length (fractions allowed).
+        warmup_max_fraction: cap on the warm-up as a share of the run's optimiser steps, in (0, 1];
+            None = no cap. A short run (few labels: 2 steps per epoch) would otherwise spend most of
+            its steps warming up; fine-tuning sets 0.1. Off by default so that pre-training schedules
+            (and the resume of runs started before the cap existed) stay exactly as they were.
         weight_decay: weight decay at the start of training.
         weight_decay_end: weight decay at the end (cosine schedule); None keeps it constant.
         betas: AdamW betas.
@@ -30,6 +34,7 @@ class OptimConfig:
     lr: float | None = None
     min_lr: float = 1e-6
     warmup_epochs: float = 10.0
+    warmup_max_fraction: float | None = None
     weight_decay: float = 0.04
     weight_decay_end: float | None = 0.4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -42,6 +47,10 @@ class OptimConfig:
             raise ConfigError(f"optim.blr and optim.lr must be > 0 (got blr={self.blr}, lr={self.lr})")
         if self.min_lr < 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
             raise ConfigError("optim.min_lr, optim.warmup_epochs and optim.weight_decay must be >= 0")
+        if self.warmup_max_fraction is not None and not 0.0 < self.warmup_max_fraction <= 1.0:
+            raise ConfigError(
+                f"optim.warmup_max_fraction must be in (0, 1] or null (got {self.warmup_max_fraction})"
+            )
         if self.weight_decay_end is not None and self.weight_decay_end < 0:
             raise ConfigError(f"optim.weight_decay_end must be >= 0 or null (got {self.weight_decay_end})")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -58,6 +67,10 @@ class TrainConfig:
 
     Attributes:
         epochs: number of passes over the training set (the lr schedule spans them all).
+        min_steps: floor on the optimiser steps of the run; when `epochs` gives fewer, the run trains
+            `ceil(min_steps / steps_per_epoch)` epochs instead (logged; the schedule spans them), and
+            validates at most about 25 times (`val_every` is raised). A pure function of the config
+            and the training-set size, so resume stays exact. None = no floor.
         batch_size: micro-batch size per process; global batch = batch_size * accum_steps * world_size.
         accum_steps: micro-batches accumulated per optimiser step.
         amp: "auto" (bf16 where the device supports it, else fp16 + GradScaler on CUDA, else off),
@@ -67,7 +80,8 @@ class TrainConfig:
         log_every: optimiser steps between train logs (the only host-device sync besides the
             finite-loss check).
         checkpoint_every: optimiser steps between `last.pt` saves; 0 = only at the end of each epoch.
-        val_every: epochs between validation passes.
+        val_every: epochs between validation passes (raised automatically when `min_steps` raised
+            the epoch count, see `engine.schedule.plan_epochs`).
         best_metric: validation metric that selects `best.pt`, with its prefix (e.g. "val/auc_roc").
         best_mode: "max" or "min".
         early_stop_patience: validations without improvement of `best_metric` before stopping.
@@ -78,6 +92,7 @@ class TrainConfig:
     """
 
     epochs: int = 100
+    min_steps: int | None = None
     batch_size: int = 16
     accum_steps: int = 1
     amp: str = "auto"
@@ -115,5 +130,7 @@ class TrainConfig:
             raise ConfigError(
                 f"train.early_stop_patience must be >= 1 or null (got {self.early_stop_patience})"
             )
+        if self.min_steps is not None and self.min_steps < 1:
+            raise ConfigError(f"train.min_steps must be >= 1 or null (got {self.min_steps})")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"train.max_steps must be >= 0 or null (got {self.max_steps})")

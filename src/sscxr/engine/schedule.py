@@ -1,7 +1,9 @@
-"""Per-iteration schedules (lr, weight decay), the lr scaling rule and layer-wise lr decay.
+"""Per-iteration schedules (lr, weight decay), the run's length, the lr scaling rule and layer-wise lr decay.
 
 Schedules are precomputed arrays indexed by the optimiser step (dinov2's CosineScheduler): the value
-for any step is a pure function of the config, so a resumed run sees exactly the same numbers.
+for any step is a pure function of the config, so a resumed run sees exactly the same numbers. The
+run's length (`plan_epochs`: the `train.min_steps` floor) and the warm-up cap
+(`optim.warmup_max_fraction`) are pure functions of the config and the training-set size too.
 """
 
 from __future__ import annotations
@@ -9,17 +11,83 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from sscxr.engine.config import OptimConfig
+from sscxr.engine.config import OptimConfig, TrainConfig
 
 if TYPE_CHECKING:
     from sscxr.tasks.base import Task
 
 log = logging.getLogger(__name__)
+
+#: When `train.min_steps` raises the epoch count, validation is spaced to at most about this many passes:
+#: validating a full validation split after each of 150 two-step epochs would cost more than training.
+MAX_FLOOR_VALIDATIONS = 25
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How long a run trains and how often it validates.
+
+    Attributes:
+        epochs: epochs to train (the schedule spans them); `train.epochs` unless the floor raised it.
+        val_every: epochs between validations.
+        raised: True when `train.min_steps` raised the epoch count.
+    """
+
+    epochs: int
+    val_every: int
+    raised: bool
+
+
+def plan_epochs(train_cfg: TrainConfig, steps_per_epoch: int, n_samples: int | None = None) -> EpochPlan:
+    """The run's epochs under the `train.min_steps` floor, and its validation spacing.
+
+    When `epochs * steps_per_epoch < min_steps`, the run trains `ceil(min_steps / steps_per_epoch)`
+    epochs and validates every `max(val_every, ceil(epochs / MAX_FLOOR_VALIDATIONS))` epochs (the last
+    epoch always validates). Pure: a resumed run plans the same.
+
+    Args:
+        train_cfg: the loop settings.
+        steps_per_epoch: optimiser steps per epoch (>= 1).
+        n_samples: training samples, only for the log line.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1 (got {steps_per_epoch})")
+    t = train_cfg
+    if t.min_steps is None or t.epochs * steps_per_epoch >= t.min_steps:
+        return EpochPlan(t.epochs, t.val_every, raised=False)
+    epochs = math.ceil(t.min_steps / steps_per_epoch)
+    val_every = max(t.val_every, math.ceil(epochs / MAX_FLOOR_VALIDATIONS))
+    what = f"{n_samples} training samples: " if n_samples is not None else ""
+    log.info(
+        f"{what}{steps_per_epoch} steps per epoch; {t.epochs} epochs would be "
+        f"{t.epochs * steps_per_epoch} optimiser steps, below train.min_steps={t.min_steps}: training "
+        f"{epochs} epochs ({epochs * steps_per_epoch} steps), validating every {val_every} epochs"
+    )
+    return EpochPlan(epochs, val_every, raised=True)
+
+
+def warmup_steps(optim_cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> int:
+    """Warm-up length in steps: `warmup_epochs * steps_per_epoch`, capped at `warmup_max_fraction`.
+
+    The cap keeps a short run's warm-up from eating most of it (5 warm-up epochs of a 10-epoch run
+    at 2 steps per epoch: 10 of 20 steps); the cap is logged when it applies.
+    """
+    warmup = round(optim_cfg.warmup_epochs * steps_per_epoch)
+    frac = optim_cfg.warmup_max_fraction
+    if frac is not None and warmup > math.floor(frac * total_steps):
+        cap = math.floor(frac * total_steps)
+        log.info(
+            f"warm-up capped: optim.warmup_epochs={optim_cfg.warmup_epochs:g} is {warmup} of the run's "
+            f"{total_steps} steps, more than optim.warmup_max_fraction={frac:g}: warming up {cap} steps"
+        )
+        warmup = cap
+    return warmup
 
 
 def cosine_schedule(
@@ -65,9 +133,12 @@ def resolve_lr(optim_cfg: OptimConfig, global_batch: int) -> float:
 def build_schedules(
     optim_cfg: OptimConfig, lr: float, steps_per_epoch: int, epochs: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The lr and weight-decay arrays of a run: `(epochs * steps_per_epoch,)` each."""
+    """The lr and weight-decay arrays of a run: `(epochs * steps_per_epoch,)` each.
+
+    `epochs` is the planned length (`plan_epochs`), not necessarily `train.epochs`.
+    """
     total = epochs * steps_per_epoch
-    warmup = round(optim_cfg.warmup_epochs * steps_per_epoch)
+    warmup = warmup_steps(optim_cfg, steps_per_epoch, total)
     lr_at = cosine_schedule(lr, optim_cfg.min_lr, total, warmup)
     wd_end = optim_cfg.weight_decay if optim_cfg.weight_decay_end is None else optim_cfg.weight_decay_end
     wd_at = cosine_schedule(optim_cfg.weight_decay, wd_end, total, 0)

@@ -36,7 +36,13 @@ from sscxr.engine.config import OptimConfig, TrainConfig
 from sscxr.engine.distributed import DistInfo, all_true, autocast, barrier, resolve_amp, to_device
 from sscxr.engine.logging import MetricsLogger, StepMeter
 from sscxr.engine.sampler import ShardedSampler, build_eval_loader, build_loader
-from sscxr.engine.schedule import build_optimizer, build_schedules, resolve_lr, set_optim_values
+from sscxr.engine.schedule import (
+    build_optimizer,
+    build_schedules,
+    plan_epochs,
+    resolve_lr,
+    set_optim_values,
+)
 from sscxr.errors import ConfigError, DataError, SSCXRError
 from sscxr.tasks.base import Task
 from sscxr.utils import atomic_write_text, derive_seed
@@ -212,8 +218,12 @@ class _Loop:
                 f"the training set has {self.sampler.n} samples, fewer than one global batch of "
                 f"{self.global_batch}: lower train.batch_size or train.accum_steps"
             )
+        # The run's length under train.min_steps: a pure function of the config and the data size, so a
+        # resumed run plans (and schedules) exactly the same.
+        self.plan = plan_epochs(tcfg, self.steps_per_epoch, self.sampler.n)
+        self.epochs = self.plan.epochs
         lr = resolve_lr(ocfg, self.global_batch)
-        self.lr_at, self.wd_at = build_schedules(ocfg, lr, self.steps_per_epoch, tcfg.epochs)
+        self.lr_at, self.wd_at = build_schedules(ocfg, lr, self.steps_per_epoch, self.epochs)
         self.optimizer, self.wd_mults = build_optimizer(self.task, ocfg, lr, dist.device)
         self.clip = ocfg.clip_grad
         self.amp_dtype = resolve_amp(tcfg.amp, dist.device)
@@ -232,7 +242,7 @@ class _Loop:
         log.info(
             f"global batch {self.global_batch} ({t.batch_size} per process x {t.accum_steps} "
             f"accumulation x {self.dist.world_size} processes); peak lr {lr:.4g} ({how}); "
-            f"{self.steps_per_epoch} steps per epoch x {t.epochs} epochs; amp {_AMP_NAMES[self.amp_dtype]}"
+            f"{self.steps_per_epoch} steps per epoch x {self.epochs} epochs; amp {_AMP_NAMES[self.amp_dtype]}"
         )
         if t.best_metric and self.val_set is None:
             log.warning(
@@ -286,7 +296,7 @@ class _Loop:
     def _should_stop(self) -> bool:
         s, t = self.state, self.tcfg
         early = t.early_stop_patience is not None and s.bad_epochs >= t.early_stop_patience
-        return s.epoch >= t.epochs or (t.max_steps is not None and s.step >= t.max_steps) or early
+        return s.epoch >= self.epochs or (t.max_steps is not None and s.step >= t.max_steps) or early
 
     def _epoch_batches(self) -> Iterator[Any]:
         s, t = self.state, self.tcfg
@@ -398,7 +408,8 @@ class _Loop:
         """Validate, pick best.pt, call `on_epoch_end`, save last.pt; True when early stopping fires."""
         s, t = self.state, self.tcfg
         metrics: dict[str, float] = {}
-        if self.val_set is not None and ((s.epoch + 1) % t.val_every == 0 or s.epoch + 1 == t.epochs):
+        every = self.plan.val_every
+        if self.val_set is not None and ((s.epoch + 1) % every == 0 or s.epoch + 1 == self.epochs):
             raw = evaluate(
                 self.task,
                 self.val_set,

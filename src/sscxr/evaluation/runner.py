@@ -27,6 +27,7 @@ from sscxr.evaluation.classification import (
     choose_threshold,
     evaluate_arrays,
 )
+from sscxr.evaluation.guards import check_operating_point
 from sscxr.evaluation.predict import (
     Model,
     SplitSpec,
@@ -38,7 +39,16 @@ from sscxr.evaluation.predict import (
 )
 from sscxr.metrics import predict as predict_classes
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "EvalOptions", "ModelSpec", "TestSpec", "evaluate_models", "slug"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "EvalOptions",
+    "ModelSpec",
+    "TestSpec",
+    "evaluate_models",
+    "operating_point_flags",
+    "slug",
+]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +170,15 @@ def _choose(
     return choose_threshold(opts.threshold, names, stored, t.y, p, val_name=f"validation {spec}")
 
 
+def operating_point_flags(result: Mapping[str, Any]) -> list[dict[str, str]]:
+    """`check_operating_point` on a binary result's positive class (multi-class: arg-max, never flagged)."""
+    names = result["class_names"]
+    if len(names) != 2 or result.get("threshold") is None:
+        return []
+    value = {m["metric"]: m["value"] for m in result["metrics"] if m["class"] == names[1]}
+    return [f.to_dict() for f in check_operating_point(value.get("sensitivity"), value.get("specificity"))]
+
+
 def _model_info(m: ModelSpec, choice: ThresholdChoice) -> dict[str, Any]:
     names = list(m.meta["class_names"])
     return {
@@ -172,6 +191,8 @@ def _model_info(m: ModelSpec, choice: ThresholdChoice) -> dict[str, Any]:
         "config": m.meta,
         "config_yaml": m.config_text,
         "threshold": asdict(choice),
+        # What `sscxr finetune` flagged about the training run (model.json "flags"), for the report.
+        "training_flags": list(m.meta.get("flags") or []),
     }
 
 
@@ -203,6 +224,9 @@ def _evaluate_pair(
     result = evaluate_arrays(
         t.y, probs, t.patients, names, choice.value, opts.n_boot, opts.alpha, opts.seed, opts.n_bins
     )
+    flags = operating_point_flags(result)
+    for f in flags:
+        log.warning("%s on %s (threshold %s): %s", m.name, test, choice.value, f["message"])
     return {
         "model": m.name,
         "test_set": test,
@@ -213,6 +237,7 @@ def _evaluate_pair(
         "predictions_csv": str(rel),
         "seconds": round(seconds, 4),
         "images_per_s": round(t.indices.size / max(seconds, 1e-9), 2),
+        "flags": flags,
     }
 
 

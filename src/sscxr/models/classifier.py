@@ -1,4 +1,8 @@
-"""The fine-tuned classifier: a ViT whose class token goes through a linear head (DeiT style).
+"""The fine-tuned classifier: a ViT whose pooled tokens go through a linear head.
+
+Pooling (`pool`): "avg" = mean of the final-norm patch tokens (MAE-style fine-tuning), "token" = the
+class token (DeiT). The state_dict is the same for both, so any export loads either way; model.json
+records which one the head was trained on (a file without "pool" predates the option: "token").
 
 The model carries what is needed to use it correctly later: its class names (output k is class k;
 for 2 classes output 1 is the positive class), the intensity standardisation of its encoder (as
@@ -29,6 +33,7 @@ from sscxr.utils import atomic_write_bytes, atomic_write_json
 __all__ = [
     "CLASSIFIER_FORMAT",
     "CLASSIFIER_VERSION",
+    "POOLS",
     "ViTClassifier",
     "export_classifier",
     "load_classifier",
@@ -36,23 +41,32 @@ __all__ = [
 
 CLASSIFIER_FORMAT = "sscxr-classifier"
 CLASSIFIER_VERSION = 1
+POOLS = ("avg", "token")
 _IDENTITY = Normalization(mean=0.0, std=1.0)
 
 
 class ViTClassifier(nn.Module):
-    """A timm ViT with a linear head on the class token's output (after the final LayerNorm).
+    """A timm ViT with a linear head on its pooled output tokens (after the final LayerNorm).
 
-    The head is timm's own (`encoder.head`, created with `reset_classifier`), so the state_dict has
-    timm's layout under `encoder.` and external checkpoints load key for key.
+    The head is timm's own (`encoder.head`, created with `reset_classifier`), and the final norm is
+    timm's `encoder.norm`, so the state_dict has timm's layout under `encoder.` and external
+    checkpoints load key for key. The pooling is done here, on `encoder.forward_features`, not by
+    timm's `global_pool`, so switching it never changes the parameters.
+
+    Pooling defaults to "avg": GMML pre-training reconstructs patches, so its features live in the
+    patch tokens; the class token is never trained directly by that objective, and a head on it
+    starts from an untrained summary (MAE fine-tunes with average pooling for the same reason).
+    "token" is DeiT's class-token head (for encoders whose class token was trained, e.g. DeiT).
 
     Args:
         encoder: a timm ViT with a class token (e.g. `build_vit`); its head is replaced.
         class_names: C >= 2 class names, in output order.
-        drop_rate: dropout on the class token's features before the head, in [0, 1).
+        drop_rate: dropout on the pooled features before the head, in [0, 1).
         normalization: the standardisation the encoder expects; None = identity (inputs used as is).
         thresholds: decision thresholds by name (binary: P(class 1) >= t); default {"default": 0.5}
             for 2 classes, {} otherwise (arg-max).
         seed: seed of the head's initialisation (truncated normal, std 0.02; bias 0).
+        pool: "avg" (mean of the patch tokens) or "token" (the class token).
     """
 
     def __init__(
@@ -63,6 +77,7 @@ class ViTClassifier(nn.Module):
         normalization: Normalization | None = None,
         thresholds: Mapping[str, float] | None = None,
         seed: int = 0,
+        pool: str = "avg",
     ) -> None:
         super().__init__()
         names = tuple(str(n) for n in class_names)
@@ -72,6 +87,9 @@ class ViTClassifier(nn.Module):
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         if not getattr(encoder, "has_class_token", False) or encoder.global_pool != "token":
             raise ValueError("the encoder must be a timm ViT with a class token and global_pool='token'")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.pool = pool
         self.class_names = names
         self.drop_rate = float(drop_rate)
         default = {"default": 0.5} if len(names) == 2 else {}
@@ -111,18 +129,27 @@ class ViTClassifier(nn.Module):
         """`(x - mean) / std`; x: (B, 1, H, W) intensities in [0, 1]."""
         return (x - self.norm_mean) / self.norm_std
 
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pool the final-norm tokens (B, P + N, D) (P prefix tokens, N patches) into (B, D)."""
+        if self.pool == "avg":
+            return tokens[:, self.encoder.num_prefix_tokens :].mean(dim=1)
+        return tokens[:, 0]
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Class-token features after the final norm (what the head sees); x: (B, 1, H, W) in [0, 1].
+        """Pooled features after the final norm (what the head sees, before its dropout).
+
+        Args:
+            x: (B, 1, H, W) intensities in [0, 1].
 
         Returns:
             (B, embed_dim).
         """
-        tokens = self.encoder.forward_features(self.standardize(x))
-        return self.encoder.forward_head(tokens, pre_logits=True)
+        pooled = self.pool_tokens(self.encoder.forward_features(self.standardize(x)))
+        return self.encoder.fc_norm(pooled)  # Identity for encoders built with global_pool="token"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) of images x: (B, 1, H, W) with intensities in [0, 1] (standardised here)."""
-        return self.encoder(self.standardize(x))
+        return self.encoder.head(self.encoder.head_drop(self.features(x)))
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +197,7 @@ def export_classifier(
         "vit": vit_cfg.to_dict(),
         "img_size": vit_cfg.img_size,
         "drop_rate": model.drop_rate,
+        "pool": model.pool,
         "normalization": {"mean": norm.mean, "std": norm.std},
         "input": "(B, 1, H, W) float intensities in [0, 1]; the model standardises them itself",
         **dict(extra or {}),
@@ -199,7 +227,8 @@ def load_classifier(
         device: where to put the model.
 
     Returns:
-        (model, meta): the model, and the parsed `model.json`.
+        (model, meta): the model, and the parsed `model.json`. A model.json without "pool" was
+        written before pooling was an option, when the head always read the class token: "token".
 
     Raises:
         CheckpointError: missing / foreign files, or weights that do not match the JSON.
@@ -216,6 +245,7 @@ def load_classifier(
             float(meta.get("drop_rate", 0.0)),
             Normalization(**meta["normalization"]),
             thresholds=meta.get("thresholds"),
+            pool=str(meta.get("pool", "token")),
         )
     state = safetensors.torch.load_file(str(weights), device="cpu")
     try:

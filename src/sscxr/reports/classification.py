@@ -41,6 +41,7 @@ __all__ = [
     "CSV_COLUMNS",
     "ReportFiles",
     "build_blocks",
+    "flag_lines",
     "load_evaluations",
     "mapping_note",
     "metrics_rows",
@@ -186,6 +187,32 @@ def _provenance(doc: Doc) -> list[Block]:
     return blocks
 
 
+WARN = "\u26a0"  # the warning sign that marks a flag in the report
+
+
+def flag_lines(doc: Doc) -> list[str]:
+    """One line per flag: each (model, test set)'s operating point, then each model's training flags.
+
+    Old documents (written before flags existed) have none: nothing is shown for them.
+    """
+    lines = []
+    for r in doc["results"]:
+        t = r.get("threshold")
+        at = "" if t is None else f" (threshold {t:.3g})"
+        lines += [f"{WARN} {r['model']} on {r['test_set']}{at}: {f['message']}" for f in r.get("flags") or []]
+    for name, m in doc["models"].items():
+        flags = m.get("training_flags") or (m.get("config") or {}).get("flags") or []
+        lines += [f"{WARN} {name} (training, {f['code']}): {f['message']}" for f in flags]
+    return lines
+
+
+def _flag_blocks(doc: Doc, level: int) -> list[Block]:
+    lines = flag_lines(doc)
+    if not lines:
+        return []
+    return [Heading("Flags", level), Text("Results that should not be trusted as they stand:"), Items(lines)]
+
+
 def _ci_notes(doc: Doc) -> list[str]:
     return [
         f"{r['model']} on {r['test_set']}, {m['class']} {m['metric']}: {m['ci_note']}"
@@ -199,7 +226,8 @@ def _run_blocks(doc: Doc, multi: bool, figures: bool) -> list[Block]:
     run = str(doc.get("run", ""))
     level = 3 if multi else 2
     blocks: list[Block] = [Heading(f"Run {run}", 2)] if multi else []
-    blocks += [Heading("Results (paper-style tables)", level), *paper_tables(doc), threshold_table(doc)]
+    blocks += [Heading("Results (paper-style tables)", level), *paper_tables(doc)]
+    blocks += [*_flag_blocks(doc, level + 1), threshold_table(doc)]
     blocks += [Heading("Test sets", level), counts_table(doc), _label_table(doc)]
     blocks += [Heading("Calibration", level), calibration_table(doc)]
     notes = _ci_notes(doc)

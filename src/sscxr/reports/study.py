@@ -127,7 +127,9 @@ def _paper_metric(cell: Cell, row: str, metric: str) -> Estimate | None:
     m = c.rows[row].metrics
     if metric in ("fpr", "fnr"):
         base = m["specificity" if metric == "fpr" else "sensitivity"]
-        return Estimate(1 - base.mean, 1 - base.high, 1 - base.low, base.sd, tuple(1 - v for v in base.per_draw))
+        return Estimate(
+            1 - base.mean, 1 - base.high, 1 - base.low, base.sd, tuple(1 - v for v in base.per_draw)
+        )
     return m[metric]
 
 
@@ -154,7 +156,9 @@ def table6(cells: Sequence[Cell], results: StudyResults) -> Table:
     """Table 6 shape: ACC and specificity (the paper's "TPR") of every row, on the first test set."""
     cell = cells[0]
     rows = _ordered(list(cell.comparison.rows), results) if cell.comparison else []
-    table = Table(f"Table 6 shape: {cell.task}, {cell.fraction:.0%} of the labels, '{cell.test}'", ["", *rows])
+    table = Table(
+        f"Table 6 shape: {cell.task}, {cell.fraction:.0%} of the labels, '{cell.test}'", ["", *rows]
+    )
     for label, metric in (("ACC %", "accuracy"), ("Spec (paper's TPR)", "specificity")):
         table.rows.append([label, *[_paper_value(_paper_metric(cell, r, metric), metric) for r in rows]])
     return table
@@ -197,8 +201,11 @@ def _summary_items(spec: StudySpec, results: StudyResults) -> list[str]:
         c = cell.comparison
         if c is None:
             continue
-        candidates = [r for r in c.rows if row_kind(r, **_info(results, r)) != "reference"
-                      and results.rows.get(r, {}).get("start") != "scratch" and r not in refs_all]  # fmt: skip
+        candidates = [
+            r for r in c.rows
+            if row_kind(**_info(results, r)) != "reference"
+            and results.rows.get(r, {}).get("start") != "scratch" and r not in refs_all
+        ]  # fmt: skip
         if not candidates:
             continue
         best = max(candidates, key=lambda r: c.rows[r].metrics["auc_roc"].mean)
@@ -223,7 +230,9 @@ def _flag_items(results: StudyResults) -> list[str]:
     return items
 
 
-def build_blocks(spec: StudySpec, results: StudyResults, commands: str, timings: dict[str, float]) -> list[Block]:
+def build_blocks(
+    spec: StudySpec, results: StudyResults, commands: str, timings: dict[str, float]
+) -> list[Block]:
     """The whole report as blocks (rendered to Markdown and HTML)."""
     blocks: list[Block] = [Heading(f"Study: {spec.name}", 1)]
     starts = ", ".join(f"{n} ({s.init})" for n, s in spec.starts.items())
@@ -315,7 +324,11 @@ def results_csv(results: StudyResults) -> str:
 
 
 def write_study_report(
-    spec: StudySpec, results: StudyResults, out: Path, commands: str = "", timings: dict[str, float] | None = None
+    spec: StudySpec,
+    results: StudyResults,
+    out: Path,
+    commands: str = "",
+    timings: dict[str, float] | None = None,
 ) -> StudyReport:
     """Write report.md (+ figures/), report.html, results.json and results.csv into `out`."""
     blocks = build_blocks(spec, results, commands, timings or {})

@@ -254,7 +254,9 @@ def compare_rows(
         return np.mean(boot_draw[r][m][picks, seed_draws], axis=1)
 
     results = {
-        r: RowResult(r, tuple(common), {m: _estimate(per_draw[r][m], boot_mean(r, m), alpha) for m in metrics})
+        r: RowResult(
+            r, tuple(common), {m: _estimate(per_draw[r][m], boot_mean(r, m), alpha) for m in metrics}
+        )
         for r in rows
     }
     diffs: dict[str, dict[str, dict[str, Estimate]]] = {}

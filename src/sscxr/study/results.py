@@ -49,7 +49,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def row_kind(name: str, start: str, mode: str) -> str:
-    """"reference" (pixels, random encoder), "probe" (frozen pre-trained encoder) or "finetune"."""
+    """ "reference" (pixels, random encoder), "probe" (frozen pre-trained encoder) or "finetune"."""
     if start in ("pixels", "random"):
         return "reference"
     return "probe" if mode in ("linear", "knn") else "finetune"
@@ -97,7 +97,9 @@ def _finetune_files(spec: StudySpec, layout: Layout, task: str, files: dict, row
             for res in doc["results"]:
                 name, test = res["model"], res["test_set"]
                 _add_flags(flags, name, res.get("flags"), f"evaluate, {test}, {fraction:g}, draw {seed}")
-                files.setdefault((fraction, test), {}).setdefault(name, {})[seed] = ev_dir / res["predictions_csv"]
+                files.setdefault((fraction, test), {}).setdefault(name, {})[seed] = (
+                    ev_dir / res["predictions_csv"]
+                )
 
 
 def collect(spec: StudySpec, out: Path, n_boot: int | None = None) -> StudyResults:

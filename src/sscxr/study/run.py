@@ -126,7 +126,12 @@ def _tests(spec: StudySpec, cache: Path) -> list[str]:
 
 def _probe_step(spec: StudySpec, layout: Layout, task: str, cache: Path) -> Step:
     p = spec.probe
-    encoders = [a for s in spec.starts if (path := encoder_path(spec, layout, s)) for a in ("--encoder", f"{s}={path}")]
+    encoders = [
+        a
+        for s in spec.starts
+        if (path := encoder_path(spec, layout, s))
+        for a in ("--encoder", f"{s}={path}")
+    ]
     seeds = sorted({k for f in spec.fractions for k in spec.seeds_for(f)})
     argv = [
         "probe", *encoders, "--cache", str(cache), "--task", task,
@@ -156,7 +161,9 @@ def _finetune_steps(spec: StudySpec, layout: Layout, task: str, cache: Path) -> 
             for start, mode in finetuned_rows(spec):
                 run = layout.finetune(task, start, mode, fraction, seed)
                 path = encoder_path(spec, layout, start)
-                init = [f"classify.init={spec.starts[start].init}"] + ([f"classify.init_path={path}"] if path else [])
+                init = [f"classify.init={spec.starts[start].init}"] + (
+                    [f"classify.init_path={path}"] if path else []
+                )
                 argv = [
                     "finetune", "-c", spec.finetune.config, f"data.cache={cache}",
                     f"data.train_split={spec.data.train_split}", f"data.val_split={spec.data.val_split}",

@@ -216,9 +216,9 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         return float(value)
     if origin is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
-    if origin in (int, float, str, bool) and not (isinstance(value, origin) and not (
-        origin is int and isinstance(value, bool)
-    )):
+    if origin in (int, float, str, bool) and not (
+        isinstance(value, origin) and not (origin is int and isinstance(value, bool))
+    ):
         raise ConfigError(f"{where}: expected {origin.__name__}, got {value!r}")
     return value
 
@@ -244,12 +244,16 @@ def _check(spec: StudySpec, origin: str) -> None:
         raise ConfigError(f"{origin}: 'starts' is empty: name at least one encoder start (e.g. scratch)")
     for name, start in spec.starts.items():
         if start.init not in ("scratch", "sscxr", "timm"):
-            raise ConfigError(f"{origin}: starts.{name}.init must be scratch, sscxr or timm, got {start.init!r}")
+            raise ConfigError(
+                f"{origin}: starts.{name}.init must be scratch, sscxr or timm, got {start.init!r}"
+            )
         if start.init != "scratch" and not (start.pretrain or start.path):
             raise ConfigError(f"{origin}: starts.{name} (init={start.init}) needs 'pretrain' or 'path'")
         if start.pretrain and start.pretrain not in spec.pretrain:
             known = ", ".join(spec.pretrain) or "none"
-            raise ConfigError(f"{origin}: starts.{name}.pretrain={start.pretrain!r} is not a pretrain run ({known})")
+            raise ConfigError(
+                f"{origin}: starts.{name}.pretrain={start.pretrain!r} is not a pretrain run ({known})"
+            )
     for f in spec.fractions:
         if not 0.0 < f <= 1.0:
             raise ConfigError(f"{origin}: fractions must lie in (0, 1], got {f}")
