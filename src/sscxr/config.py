@@ -135,16 +135,25 @@ def _check_keys(given: Mapping[str, Any], cls: type, origin: str) -> None:
             raise ConfigError(f"{origin}: unknown config key '{key}'.{hint}")
 
 
-def resolve_config_path(name: str) -> Path:
-    """A config given by path, or by name among the built-in ones (`tiny`, `pretrain/gmml_vit_s16`)."""
+def resolve_builtin(name: str, folder: Path, what: str) -> Path:
+    """A YAML file given by path, or by name among the built-in ones in `folder` (`tiny`, `pretrain/x`).
+
+    Raises:
+        ConfigError: neither, listing the built-in names (`what` names the kind: "config", "study").
+    """
     path = Path(name)
     if path.is_file():
         return path
-    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+    for cand in (folder / name, folder / f"{name}.yaml"):
         if cand.is_file():
             return cand
-    builtin = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
-    raise ConfigError(f"config '{name}' not found: not a file, nor a built-in config ({', '.join(builtin)}).")
+    builtin = sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+    raise ConfigError(f"{what} '{name}' not found: not a file, nor a built-in {what} ({', '.join(builtin)}).")
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config given by path, or by name among the built-in ones (`tiny`, `pretrain/gmml_vit_s16`)."""
+    return resolve_builtin(name, CONFIG_DIR, "config")
 
 
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:

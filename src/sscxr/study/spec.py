@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sscxr.config import load_yaml
+from sscxr.config import load_yaml, resolve_builtin
 from sscxr.errors import ConfigError
 
 __all__ = [
@@ -274,14 +274,7 @@ def _check(spec: StudySpec, origin: str) -> None:
 
 def resolve_study_path(name: str) -> Path:
     """A study given by path, or by name among the built-in ones (`demo`, `kermany`)."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    for cand in (STUDY_DIR / name, STUDY_DIR / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    builtin = sorted(q.stem for q in STUDY_DIR.glob("*.yaml"))
-    raise ConfigError(f"study '{name}' not found: not a file, nor a built-in study ({', '.join(builtin)})")
+    return resolve_builtin(name, STUDY_DIR, "study")
 
 
 def load_study(name: str, overrides: dict[str, Any] | None = None) -> StudySpec:
