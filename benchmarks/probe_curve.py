@@ -57,8 +57,9 @@ def main() -> None:
         test = [r["tests"]["test"]["auc_roc"] for r in rows]
         epoch = meta.get("epoch", "final")
         secs = meta.get("train_seconds")
-        print(f"{name:>10} {epoch!s:>6} {secs if secs is not None else '':>8} {val:8.3f} "
-              f"{np.mean(test):9.3f} {np.std(test, ddof=1) if len(test) > 1 else 0:8.3f}", flush=True)  # fmt: skip
+        sd = np.std(test, ddof=1) if len(test) > 1 else 0.0
+        secs_text = "" if secs is None else secs
+        print(f"{name:>10} {epoch!s:>6} {secs_text:>8} {val:8.3f} {np.mean(test):9.3f} {sd:8.3f}", flush=True)
 
 
 if __name__ == "__main__":
