@@ -41,11 +41,16 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.01)
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--features", default="grid4")
+    p.add_argument("--every", type=int, default=1, help="only snapshots whose epoch is a multiple of this")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     run = Path(args.run)
-    snaps = sorted((run / "snapshots").glob("epoch_*/encoder.safetensors"))
-    if (run / "encoder.safetensors").is_file():
+    snaps = [
+        s
+        for s in sorted((run / "snapshots").glob("epoch_*/encoder.safetensors"))
+        if int(s.parent.name.split("_")[1]) % args.every == 0
+    ]
+    if (run / "encoder.safetensors").is_file():  # the final export (the last snapshot's weights, if any)
         snaps.append(run / "encoder.safetensors")
     print(f"{'snapshot':>10} {'epoch':>6} {'train s':>8} {'val AUC':>8} {'test AUC':>9} {'test SD':>8}")
     for snap in snaps:
