@@ -63,7 +63,7 @@ def test_study_runs_resumes_and_reproduces(tmp_path: Path, tiny_cache: Path, one
     out_b = tmp_path / "resumed"
     steps = plan(spec, out_b)
     with pytest.raises(SSCXRError, match="fix it, then run the study again"):
-        run_steps(steps, runner=failing)
+        run_steps(steps, failing)
     done_before = [s.title for s in steps if s.done]
     assert len(done_before) == 2  # pre-training and the probe finished
     # 2. Resumed: only the missing steps run.
@@ -73,7 +73,7 @@ def test_study_runs_resumes_and_reproduces(tmp_path: Path, tiny_cache: Path, one
         ran.append(argv)
         return main(argv)
 
-    run_steps(plan(spec, out_b), runner=counting)
+    run_steps(plan(spec, out_b), counting)
     assert len(ran) == len(steps) - 2 and all(a[0] != "pretrain" for a in ran)
     assert main(["study", str(study), "--out", str(out_b)]) == 0  # nothing left: only the report
     # 3. An uninterrupted study gives the same table.

@@ -51,7 +51,9 @@ def _study(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.pretrain_only:
         steps = [s for s in steps if s.title.startswith(("data", "pre-training"))]
-    timings = {} if args.report_only else run_steps(steps, dry_run=args.dry_run)
+    from sscxr.cli import main as sscxr_main  # each step is an ordinary `sscxr` command, run in-process
+
+    timings = {} if args.report_only else run_steps(steps, sscxr_main, dry_run=args.dry_run)
     if args.dry_run or args.pretrain_only:
         return 0
     print("\n== report ==", flush=True)

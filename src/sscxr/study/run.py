@@ -206,19 +206,18 @@ def plan(spec: StudySpec, out: Path) -> list[Step]:
 
 
 def run_steps(
-    steps: Sequence[Step], runner: Callable[[list[str]], int] | None = None, dry_run: bool = False
+    steps: Sequence[Step], runner: Callable[[list[str]], int], dry_run: bool = False
 ) -> dict[str, float]:
     """Run the steps not yet done, printing each command; return seconds per step title.
 
     Args:
-        runner: runs one `sscxr` argv and returns its exit code (default: `sscxr.cli.main` in-process).
+        runner: runs one `sscxr` argv and returns its exit code (the CLI passes `sscxr.cli.main`, so
+            this package never imports the command line).
         dry_run: only print what would run.
 
     Raises:
         SSCXRError: a step failed (the steps before it stay done; fix it and run the study again).
     """
-    if runner is None:
-        from sscxr.cli import main as runner  # lazily: the CLI imports this module
     seconds: dict[str, float] = {}
     todo = [s for s in steps if not s.done]
     print(f"study: {len(steps)} steps, {len(steps) - len(todo)} already done, {len(todo)} to run", flush=True)
