@@ -125,14 +125,18 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+def did_you_mean(key: str, valid: Sequence[str]) -> str:
+    """ " Did you mean 'x'?" for the valid key nearest to `key`, or "" when none is near."""
+    near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+    return f" Did you mean '{near[0]}'?" if near else ""
+
+
 def _check_keys(given: Mapping[str, Any], cls: type, origin: str) -> None:
     """Raise ConfigError for the first unknown key, suggesting the nearest valid one."""
     valid = _dataclass_keys(cls)
     for key in _flatten(given):
         if key not in valid:
-            near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise ConfigError(f"{origin}: unknown config key '{key}'.{hint}")
+            raise ConfigError(f"{origin}: unknown config key '{key}'.{did_you_mean(key, valid)}")
 
 
 def resolve_builtin(name: str, folder: Path, what: str) -> Path:

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def _study(args: argparse.Namespace) -> int:
+    import yaml
+
     from sscxr.config import load_yaml
     from sscxr.errors import ConfigError
     from sscxr.reports.study import write_study_report
@@ -43,7 +45,7 @@ def _study(args: argparse.Namespace) -> int:
         body = (
             text
             if not overrides
-            else __import__("yaml").safe_dump({**(load_yaml(text) or {}), **overrides}, sort_keys=False)
+            else yaml.safe_dump({**(load_yaml(text) or {}), **overrides}, sort_keys=False)
         )
         atomic_write_text(saved, header + body)
     steps = plan(spec, out)

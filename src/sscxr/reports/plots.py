@@ -16,13 +16,13 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["confusion_figure", "reliability_figure", "roc_pr_figure"]
+__all__ = ["confusion_figure", "figure_png", "reliability_figure", "roc_pr_figure"]
 
 Entry = tuple[str, Mapping[str, Any]]  # (model label, one (model, test set) result)
 _DPI = 96
 
 
-def _png(fig: Figure) -> bytes:
+def figure_png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     # No "Software" metadata: keeps the PNG free of any URL.
@@ -91,7 +91,7 @@ def roc_pr_figure(entries: Sequence[Entry], classes: Sequence[str], title: str) 
                 _undefined(ax, f"undefined: the test set has only one of {{{cls}, rest}}")
     fig.suptitle(title)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def confusion_figure(entries: Sequence[Entry], title: str) -> bytes:
@@ -120,7 +120,7 @@ def confusion_figure(entries: Sequence[Entry], title: str) -> bytes:
         ax.set(xlabel="predicted", ylabel="true", title=label)
     fig.suptitle(title)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def reliability_figure(entries: Sequence[Entry], title: str) -> bytes:
@@ -145,4 +145,4 @@ def reliability_figure(entries: Sequence[Entry], title: str) -> bytes:
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
 from sscxr.reports.classification import mapping_note
 from sscxr.reports.document import Block, Code, Figure, Heading, Items, Text, to_markdown
 from sscxr.reports.html import to_html
+from sscxr.reports.plots import figure_png
 from sscxr.reports.tables import NOT_RUN, Table
 from sscxr.study.aggregate import Estimate
 from sscxr.study.results import Cell, StudyResults, resolve_references, row_kind
@@ -187,10 +187,7 @@ def fraction_figure(cells: Sequence[Cell], results: StudyResults, title: str) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, metadata={"Software": None})
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _summary_items(spec: StudySpec, results: StudyResults) -> list[str]:

@@ -25,14 +25,13 @@ every path given to an `sscxr` command is (run the built-in studies from the rep
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sscxr.config import load_yaml, resolve_builtin
+from sscxr.config import did_you_mean, load_yaml, resolve_builtin
 from sscxr.errors import ConfigError
 
 __all__ = [
@@ -231,9 +230,7 @@ def _from_dict(cls: type[T], data: Any, where: str) -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise ConfigError(f"{where}: unknown key '{key}'.{hint}")
+            raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(str(key), list(fields))}")
         kwargs[key] = _build(hints[key], value, f"{where}.{key}" if where else key)
     return cls(**kwargs)
 

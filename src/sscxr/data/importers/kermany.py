@@ -16,6 +16,7 @@ import os
 import re
 from pathlib import Path
 
+from sscxr.data.importers.common import _listing
 from sscxr.data.importers.labelled import import_folder
 from sscxr.data.manifest import Manifest
 from sscxr.errors import DataError
@@ -64,9 +65,9 @@ def import_kermany(root: str | os.PathLike[str], site: str = "kermany") -> Manif
             continue
         rows.append(dataclasses.replace(row, patient_id=patient, extra={**row.extra, "subtype": subtype}))
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise DataError(
-            f"{m.root}: {len(bad)} files do not follow the Kermany naming (patient id in the name): {shown}. "
+            f"{m.root}: {len(bad)} files do not follow the Kermany naming (patient id in the name): "
+            f"{_listing(bad)}. "
             "Remove them, or import with 'sscxr import folder' (one patient per image)."
         )
     labels = {r.label for r in rows}
