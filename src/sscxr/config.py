@@ -68,6 +68,8 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # A patient in two splits (or a held-out site in training) is refused; true = warn and go on.
+    allow_leakage: bool = False
 
 
 @dataclass

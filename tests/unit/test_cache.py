@@ -144,9 +144,10 @@ def test_masks_stay_binary_and_match_their_resize(built: tuple[Path, Path]) -> N
         cache.mask(2)
 
 
-def test_stats_over_ok_images(built: tuple[Path, Path]) -> None:
+def test_stats_over_ok_training_images(built: tuple[Path, Path]) -> None:
     cache = ImageCache.open(built[1])
-    pixels = np.stack([cache.image_float(i) for i in np.flatnonzero(cache.ok)]).astype(np.float64)
+    train = [i for i in np.flatnonzero(cache.ok) if cache.rows[i].split == "train"]  # not the test DICOM
+    pixels = np.stack([cache.image_float(i) for i in train]).astype(np.float64)
     mean, std = cache.stats
     assert mean == pytest.approx(pixels.mean(), abs=1e-9) and std == pytest.approx(pixels.std(), abs=1e-7)
 
@@ -217,3 +218,112 @@ def test_pickled_cache_reopens_lazily(built: tuple[Path, Path]) -> None:
     clone = pickle.loads(pickle.dumps(cache))
     assert len(pickle.dumps(cache)) < 50_000  # the pixels are not shipped to workers
     np.testing.assert_array_equal(clone.image(3), cache.image(3))
+
+
+# ------------------------------------------------------------------------------------- cache integrity
+def _copy_cache(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _data_offset(path: Path) -> int:
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        return f.tell()
+
+
+def test_truncated_images_refused_on_open_and_repaired_by_prepare(
+    built: tuple[Path, Path], tmp_path: Path
+) -> None:
+    manifest, ref = built
+    out = _copy_cache(ref, tmp_path / "c")
+    path = out / "images.npy"
+    row_bytes = SIZE * SIZE * 2
+    os_size = _data_offset(path) + 2 * row_bytes + 10  # rows 0-1 intact, row 2 cut mid-way
+    with open(path, "r+b") as f:
+        f.truncate(os_size)
+    with pytest.raises(DataError, match=r"images\.npy is .* bytes, expected .*repair it with: sscxr prepare"):
+        ImageCache.open(out)
+    report = prepare(manifest, out, size=SIZE, workers=0, progress=False)
+    # rows 2.. were zero-filled by the repair and failed their checksums; 0-1 were kept
+    assert report.n_rebuilt == 3 and report.n_done == 3 and report.n_skipped_already_done == 3
+    for name in CACHE_FILES:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_zeroed_or_flipped_rows_are_found_and_rebuilt(built: tuple[Path, Path], tmp_path: Path) -> None:
+    manifest, ref = built
+    out = _copy_cache(ref, tmp_path / "c")
+    images = np.load(out / "images.npy", mmap_mode="r+")
+    images[3] = 0  # a row zeroed (what a sparse file or a bad copy leaves)
+    images[1, 5, 7] ^= 1  # one bit flipped
+    images.flush()
+    masks = np.load(out / "masks.npy", mmap_mode="r+")
+    masks[0, 10, 10] ^= 1
+    masks.flush()
+    del images, masks
+    cache = ImageCache.__new__(ImageCache)  # bypass open()'s sample check to reach verify()
+    ImageCache.__init__(
+        cache, out, json.loads((out / "index.json").read_text()), ImageCache.open(ref).manifest
+    )
+    assert cache.verify() == [0, 1, 3]
+    with pytest.raises(DataError, match="no longer hold the pixels"):
+        ImageCache.open(out)  # the sample of 16 rows covers all 6
+    report = prepare(manifest, out, size=SIZE, workers=0, progress=False)
+    assert report.n_rebuilt == 3 and report.n_done == 3
+    assert ImageCache.open(out).verify() == []
+    for name in CACHE_FILES:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_missing_masks_or_garbage_index_are_rebuilt(built: tuple[Path, Path], tmp_path: Path) -> None:
+    manifest, ref = built
+    out = _copy_cache(ref, tmp_path / "c")
+    (out / "masks.npy").unlink()
+    with pytest.raises(DataError, match=r"masks\.npy is missing; repair it with"):
+        ImageCache.open(out)
+    report = prepare(manifest, out, size=SIZE, workers=0, progress=False)
+    assert report.n_done == 6  # a file made anew: every row decoded again
+    (out / "index.json").write_text("{ this is not json")
+    with pytest.raises(DataError, match=r"index\.json is damaged .*repair it with"):
+        ImageCache.open(out)
+    prepare(manifest, out, size=SIZE, workers=0, progress=False)
+    for name in CACHE_FILES:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_size_bounds_and_disk_room_checked_before_any_allocation(
+    built: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    manifest, _ = built
+    for size in (0, 7, 100_000):
+        with pytest.raises(DataError, match="between 8 and 4096"):
+            prepare(manifest, tmp_path / f"s{size}", size=size, workers=0, progress=False)
+        assert not (tmp_path / f"s{size}").exists()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(DataError, match=r"needs .* GiB, the disk has .* free"):
+        prepare(manifest, tmp_path / "full", size=SIZE, workers=0, progress=False)
+    assert not (tmp_path / "full" / "images.npy").exists()
+
+
+def test_stats_come_from_training_splits_only(tmp_path: Path) -> None:
+    """A white test image must not move the normalisation every model trains with."""
+    rows = []
+    for i, value in enumerate([0.2, 0.4, 1.0]):
+        Image.fromarray(np.full((20, 20), round(value * 255), np.uint8)).save(tmp_path / f"x{i}.png")
+        rows.append([f"x{i}.png", "healthy", f"p{i}", "s", ["train", "val", "test_site"][i], ""])
+    path = tmp_path / "m.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label", "patient_id", "site", "split", "mask_path"], *rows])
+    prepare(path, tmp_path / "c", size=16, workers=0, progress=False)
+    cache = ImageCache.open(tmp_path / "c")
+    mean, std = cache.stats
+    assert mean == pytest.approx(0.3, abs=1e-3) and std == pytest.approx(0.1, abs=1e-3)
+    assert cache.index["stats"]["splits"] == ["train", "val"] and cache.index["stats"]["n_images"] == 2

@@ -143,3 +143,60 @@ def test_synth_writes_manifest_and_contact_sheet(tmp_path: Path) -> None:
     first = (out / "manifest.csv").read_bytes()
     assert main(args) == 0  # same config: nothing regenerated
     assert (out / "manifest.csv").read_bytes() == first
+
+
+def test_prepare_verify_and_repair_a_damaged_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from sscxr.cli import main
+
+    cohort, cache = tmp_path / "cohort", tmp_path / "cache"
+    synth = ["synth", "--out", str(cohort), "--n-adult", "8", "--n-pediatric", "0", "--size", "64"]
+    assert main([*synth, "--workers", "1"]) == 0
+    prep = ["prepare", str(cohort / "manifest.csv"), "--out", str(cache), "--size", "32", "--workers", "0"]
+    assert main(prep) == 0
+    capsys.readouterr()
+    assert main([*prep, "--verify"]) == 0
+    assert "every row matches its checksum" in capsys.readouterr().out
+    images = np.load(cache / "images.npy", mmap_mode="r+")
+    images[2] = 0
+    images.flush()
+    del images
+    # open() samples rows: the damage is refused in one line that names the cache and the fix
+    assert main([*prep, "--verify"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(cache) in err[0] and "repair it with: sscxr prepare" in err[0]
+    assert main(prep) == 0
+    assert "1 damaged rows decoded again" in capsys.readouterr().out
+    assert main([*prep, "--verify"]) == 0
+    assert main([*prep[:-4], "--size", "100000"]) == 2
+    assert "between 8 and 4096" in capsys.readouterr().err
+
+
+def test_split_refuses_a_leak_and_resplit_repairs_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import replace
+
+    from sscxr.cli import main
+    from sscxr.data.manifest import read_manifest, write_manifest
+    from sscxr.data.splits import check_no_leak
+
+    cohort = tmp_path / "cohort"
+    assert main(["synth", "--out", str(cohort), "--n-adult", "40", "--n-pediatric", "0", "--size", "32"]) == 0
+    m = read_manifest(cohort / "manifest.csv")
+    test_patient = next(r.patient_id for r in m.rows if r.split == "test")
+    first_train = next(i for i, r in enumerate(m.rows) if r.split == "train")
+    # a hand-edited manifest: one training image now belongs to a test patient
+    rows = [replace(r, patient_id=test_patient) if i == first_train else r for i, r in enumerate(m.rows)]
+    write_manifest(m.with_rows(rows), tmp_path / "leaky.csv")
+    capsys.readouterr()
+    split = ["split", str(tmp_path / "leaky.csv"), "--split", "0.6,0.2,0.2", "--hold-out-site", "site_d"]
+    assert main(split) == 2  # existing splits kept: the leak is named, with the option that fixes it
+    assert "--resplit" in capsys.readouterr().err
+    assert main([*split, "--resplit"]) == 0
+    fixed = read_manifest(tmp_path / "leaky.csv")
+    check_no_leak(fixed)
+    assert {r.split for r in fixed.rows if r.site == "site_d"} == {"test_site"}

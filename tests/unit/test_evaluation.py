@@ -302,3 +302,23 @@ def test_test_set_without_task_labels_is_all_na(cache_dir: Path, tmp_path: Path)
     assert all(m["value"] is None and "no image" in m["reason"] for m in res["metrics"])
     files = write_report(doc, tmp_path / "rep")
     assert "n/a (no image of this test set has a label the task uses)" in files.markdown.read_text()
+
+
+def test_a_patient_in_train_and_test_is_refused_or_flagged(tmp_path: Path) -> None:
+    from sscxr.tasks.common import open_cache
+
+    rows = [*COHORT, (0.3, "healthy", "t0", "train")]  # t0 also has a test image: a hand-edited manifest
+    leaky = write_cohort(tmp_path / "leaky", rows)
+    with pytest.raises(
+        DataError, match=r"1 patient\(s\) in more than one split: t0 .*data\.allow_leakage=true"
+    ):
+        open_cache(leaky, SIZE)  # what every training task opens its cache with
+    assert len(open_cache(leaky, SIZE, allow_leakage=True)) == len(rows)
+    model, tests = ModelSpec("m", MeanModel(), dict(BINARY_META)), [TestSpec("test", _spec(leaky, "test"))]
+    with pytest.raises(DataError, match=r"t0 .*pass --allow-leakage"):
+        evaluate_models([model], tests, None, _opts(), tmp_path / "refused")
+    allowed = EvalOptions(
+        parse_threshold("default"), n_boot=10, progress=False, device="cpu", allow_leakage=True
+    )
+    doc = evaluate_models([model], tests, None, allowed, tmp_path / "flagged")
+    assert "leakage" in [f["code"] for f in doc["results"][0]["flags"]]

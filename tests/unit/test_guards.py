@@ -30,6 +30,7 @@ def test_flag_is_a_code_and_a_message() -> None:
         "few_steps",
         "degenerate_operating_point",
         "unbalanced_loss",
+        "leakage",
     }
     with pytest.raises(ValueError, match="unknown flag code"):
         Flag("oops", "x")

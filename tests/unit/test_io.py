@@ -232,6 +232,22 @@ def test_constant_dicom_gives_zeros(tmp_path: Path) -> None:
     assert not x.image.any()
 
 
+def test_non_finite_images_are_errors_not_black_images(tmp_path: Path) -> None:
+    """A rescale that overflows float32, or a float TIFF of NaNs, holds no measurement: reading it must
+    fail (so `prepare` reports the row), never return a valid-looking flat image."""
+    s = stored_values(12)
+    with pytest.raises(XRayReadError, match="overflow the pixel values to infinity"):
+        read_xray(write_dicom(tmp_path / "inf.dcm", s, RescaleSlope=1e38, WindowCenter=0, WindowWidth=10))
+    Image.fromarray(np.full((H, W), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(XRayReadError, match="every pixel is NaN or infinite"):
+        read_xray(tmp_path / "nan.tif")
+    partly = np.linspace(0.0, 5.0, H * W, dtype=np.float32).reshape(H, W)
+    partly[0, :3] = np.nan  # a few bad pixels: the image is still read, they take its minimum
+    Image.fromarray(partly, mode="F").save(tmp_path / "partly.tif")
+    x = read_xray(tmp_path / "partly.tif")
+    assert np.isfinite(x.image).all() and x.image[0, 0] == 0.0 and x.image.max() == pytest.approx(1.0)
+
+
 def test_missing_pixel_data_raises(tmp_path: Path) -> None:
     path = write_dicom(tmp_path / "nopix.dcm", stored_values(12), pixels=False)
     with pytest.raises(XRayReadError, match=r"nopix\.dcm") as info:

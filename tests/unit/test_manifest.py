@@ -174,3 +174,21 @@ def test_manifest_hash(tmp_path: Path) -> None:
     assert manifest_hash(out) == first
     out.write_text(out.read_text() + "c/new.png,,,,,\n")
     assert manifest_hash(out) != first
+
+
+def test_hand_written_labels_and_splits_are_canonicalised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`COVID`, `Normal`, `TRAINING` must not silently drop rows from every task."""
+    path = tmp_path / "m.csv"
+    path.write_text(
+        "path,label,patient_id,site,split,mask_path\n"
+        "a.png,COVID,p1,s,TRAINING,\nb.png,Normal,p2,s,Validation,\nc.png,pneumonia,p3,s,test,\n"
+        "d.png,healthy,p4,s,,\n"
+    )
+    with caplog.at_level("INFO"):
+        m = read_manifest(path)
+    assert [r.label for r in m.rows] == ["covid-19", "healthy", "pneumonia", "healthy"]
+    assert [r.split for r in m.rows] == ["train", "val", "test", ""]
+    assert "'COVID' -> 'covid-19'" in caplog.text and "split 'TRAINING' -> 'train'" in caplog.text
+    assert "1 of 4 rows have no split" in caplog.text and "sscxr split" in caplog.text

@@ -81,8 +81,12 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _apply_splits(m: Manifest, args: argparse.Namespace) -> Manifest:
+    from dataclasses import replace
+
     from sscxr.data import splits
 
+    if args.resplit:  # clear first, so held-out sites are assigned again before the patient split
+        m = m.with_rows(replace(r, split="") for r in m.rows)
     if args.hold_out_site:
         m = splits.hold_out_sites(m, args.hold_out_site)
     if args.split:
@@ -91,7 +95,8 @@ def _apply_splits(m: Manifest, args: argparse.Namespace) -> Manifest:
             from sscxr.errors import ConfigError
 
             raise ConfigError("--split takes three fractions: train,val,test (e.g. 0.7,0.15,0.15)")
-        m = splits.patient_split(m, {"train": fr[0], "val": fr[1], "test": fr[2]}, seed=args.seed)
+        fractions = {"train": fr[0], "val": fr[1], "test": fr[2]}
+        m = splits.patient_split(m, fractions, seed=args.seed)
         splits.check_no_leak(m)
     return m
 
@@ -108,15 +113,41 @@ def _split(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from sscxr.data.cache import prepare
 
+    if args.verify:
+        return _verify(args.out)
     report = prepare(
         args.manifest, args.out, size=args.size, fit=args.fit, workers=args.workers, overwrite=args.overwrite
     )
+    rebuilt = f", {report.n_rebuilt} damaged rows decoded again" if report.n_rebuilt else ""
     print(
-        f"cache {args.out}: {report.n_done} ready ({report.n_skipped_already_done} were already done), "
-        f"{report.n_failed} failed, {report.images_per_s:.1f} images/s"
+        f"cache {args.out}: {report.n_total} images, {report.n_ok} ok, {report.n_failed} failed; this run "
+        f"decoded {report.n_done} ({report.n_skipped_already_done} were already done{rebuilt}), "
+        f"{report.images_per_s:.1f} images/s"
     )
     if report.n_failed:
         print(f"unreadable files are listed in {Path(args.out) / 'failures.csv'}")
+    return 0
+
+
+def _verify(out: Path) -> int:
+    """`prepare --verify`: check every row of a finished cache against its checksums."""
+    import time
+
+    from sscxr.data.cache import ImageCache
+
+    cache = ImageCache.open(out)  # lengths and a sample of rows; raises with the fix
+    t0 = time.perf_counter()
+    damaged = cache.verify()
+    ms = (time.perf_counter() - t0) * 1000
+    per_1000 = ms / max(len(cache), 1) * 1000
+    print(f"cache {out}: {len(cache)} rows checked in {ms:.0f} ms ({per_1000:.1f} ms per 1,000)")
+    if damaged:
+        print(
+            f"{len(damaged)} rows no longer match their checksums (first: {damaged[:10]}); run the same "
+            "`sscxr prepare` without --verify to decode them again"
+        )
+        return 1
+    print("every row matches its checksum")
     return 0
 
 
@@ -126,6 +157,11 @@ def _split_args(p: argparse.ArgumentParser) -> None:
         "--hold-out-site", action="append", default=[], help="site kept out of training (test_site)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--resplit",
+        action="store_true",
+        help="assign every row a new split (default: only rows without one, keeping existing splits)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -173,4 +209,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--fit", choices=["stretch", "pad"], default="stretch")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built from another manifest")
+    p.add_argument(
+        "--verify", action="store_true", help="check every cached row against its checksum; change nothing"
+    )
     p.set_defaults(func=_prepare)

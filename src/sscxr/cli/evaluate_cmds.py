@@ -73,6 +73,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         precision=args.precision,
+        allow_leakage=args.allow_leakage,
     )
     tests = [TestSpec(name, parse_split_spec(spec)) for name, spec in args.test]
     val = parse_split_spec(args.val) if args.val else None
@@ -114,6 +115,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="a named test set, e.g. 'unseen sites=cache/x:test_site' (split '*' or 'all' = all rows)",
     )
     p.add_argument("--val", metavar="CACHE_DIR:SPLIT", help="validation split the threshold is chosen on")
+    p.add_argument(
+        "--allow-leakage",
+        action="store_true",
+        help="evaluate even when a patient is in two splits of a test cache (flagged in the report)",
+    )
     p.add_argument(
         "--threshold",
         default="default",

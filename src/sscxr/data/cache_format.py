@@ -1,9 +1,10 @@
 """The image cache's on-disk format, shared by its writer (`prepare.py`) and its reader (`cache.py`).
 
 Holds the format version, the fit modes, the pixel scale and the cache's file names; the geometry and
-antialiased resizing of images into the S x S frame; the reader of progress.jsonl, the resume command
-that error messages quote, and the writer of index.json (whose fields `ImageCache` reads). The folder
-layout itself is described in `cache.py`.
+antialiased resizing of images into the S x S frame; the per-row checksums and the check of an array
+file's length; the reader of progress.jsonl, the resume command that error messages quote, and the
+writer of index.json (whose fields `ImageCache` reads). The folder layout itself is described in
+`cache.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,55 @@ FORMAT_VERSION = 1
 FITS = ("stretch", "pad")
 _MAX = 65535.0
 _FILES = ("index.json", "images.npy", "masks.npy", "progress.jsonl", "failures.csv", "manifest.csv")
+# Training splits are the ones the intensity statistics come from: every split whose name does not
+# start with one of these (test, test_site, test_pediatric, holdout...) is a training split.
+EVAL_SPLIT_PREFIXES = ("test", "holdout")
+
+
+def is_eval_split(split: str) -> bool:
+    """True for splits that hold evaluation data (never used for statistics or training)."""
+    return split.lower().startswith(EVAL_SPLIT_PREFIXES)
+
+
+# ------------------------------------------------------------------------------------------- integrity
+def crc(array: np.ndarray) -> int:
+    """CRC-32 of an array's bytes (a row of images.npy or masks.npy): what a row's record stores, so a
+    row zeroed, truncated or overwritten after it was written is found (zlib's C CRC, ~1 GB/s)."""
+    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
+
+
+def npy_data_offset(path: Path) -> tuple[int, tuple[int, ...], np.dtype] | None:
+    """(byte offset of the data, shape, dtype) from a .npy file's header; None if the header is unreadable."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read(f)
+            return f.tell(), tuple(shape), np.dtype(dtype)
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def npy_problem(path: Path, shape: Sequence[int], dtype: np.dtype | type) -> str | None:
+    """What is wrong with the array file at `path` for an array of `shape` / `dtype`, or None if it is whole:
+    missing, unreadable header, another shape or dtype, or a file shorter or longer than its data."""
+    if not path.is_file():
+        return "is missing"
+    layout = npy_data_offset(path)
+    if layout is None:
+        return "has an unreadable header"
+    offset, found_shape, found_dtype = layout
+    if found_shape != tuple(shape) or found_dtype != np.dtype(dtype):
+        return f"holds {found_shape} {found_dtype}, expected {tuple(shape)} {np.dtype(dtype)}"
+    expected = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size != expected:
+        return f"is {size:,} bytes, expected {expected:,} (truncated or overwritten)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- resizing
@@ -106,13 +158,29 @@ def resume_command(header: dict[str, Any], out_dir: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------- index.json
+def _stats(header: dict[str, Any], manifest: Manifest, records: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std of the [0, 1] pixels over the ok rows of the training splits (see `is_eval_split`):
+    test rows and held-out sites never enter a model's normalisation. A cache of evaluation rows only
+    (e.g. an external test set) falls back to all its ok rows and says so in `from`."""
+    ok = [i for i in range(header["n"]) if records[i]["status"] == "ok"]
+    train = [i for i in ok if not is_eval_split(manifest.rows[i].split)]
+    rows, source = (train, "training splits") if train else (ok, "all rows (the cache has no training rows)")
+    n_pix = len(rows) * header["size"] ** 2
+    mean = sum(records[i]["sum"] for i in rows) / n_pix if rows else None
+    var = sum(records[i]["sumsq"] for i in rows) / n_pix - mean**2 if mean is not None else None
+    return {
+        "mean": mean,
+        "std": None if var is None else math.sqrt(max(var, 0.0)),
+        "n_images": len(rows),
+        "from": source,
+        "splits": sorted({manifest.rows[i].split for i in rows}),
+    }
+
+
 def _write_index(
     out_dir: Path, header: dict[str, Any], manifest: Manifest, records: dict[int, dict[str, Any]]
 ) -> dict[str, Any]:
     ok = [records[i] for i in range(header["n"]) if records[i]["status"] == "ok"]
-    n_pix = len(ok) * header["size"] ** 2
-    mean = sum(r["sum"] for r in ok) / n_pix if ok else None
-    var = sum(r["sumsq"] for r in ok) / n_pix - mean**2 if mean is not None else None
     index = {
         **{k: v for k, v in header.items() if k != "n"},
         "manifest_root": str(manifest.root),
@@ -120,7 +188,7 @@ def _write_index(
         "n_ok": len(ok),
         "n_failed": header["n"] - len(ok),
         "n_with_mask": sum(bool(r.get("mask")) for r in ok),
-        "stats": {"mean": mean, "std": None if var is None else math.sqrt(max(var, 0.0))},
+        "stats": _stats(header, manifest, records),
         "rows": [_row_summary(records[i]) for i in range(header["n"])],
     }
     atomic_write_json(out_dir / "index.json", index)
@@ -129,4 +197,18 @@ def _write_index(
 
 def _row_summary(rec: dict[str, Any]) -> dict[str, Any]:
     ok = rec["status"] == "ok"
-    return {"ok": ok, "shape": rec.get("shape"), "spacing": rec.get("spacing"), "mask": bool(rec.get("mask"))}
+    out = {"ok": ok, "shape": rec.get("shape"), "spacing": rec.get("spacing"), "mask": bool(rec.get("mask"))}
+    for key in ("crc", "mask_crc"):  # absent in caches written before checksums
+        if key in rec:
+            out[key] = rec[key]
+    return out
+
+
+def row_intact(images: np.ndarray, masks: np.ndarray | None, i: int, rec: dict[str, Any]) -> bool | None:
+    """Whether row `i` still holds the bytes its record's checksums describe; None when the record has
+    no checksum to compare (a failed row, or a cache written before checksums)."""
+    if "crc" not in rec:
+        return None
+    if crc(images[i]) != rec["crc"]:
+        return False
+    return not (masks is not None and "mask_crc" in rec and crc(masks[i]) != rec["mask_crc"])

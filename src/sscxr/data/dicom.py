@@ -182,8 +182,14 @@ def _modality(arr: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
     if slope == 1.0 and intercept == 0.0:
         return arr
     out = arr.astype(np.float32)
-    out *= np.float32(slope)
-    out += np.float32(intercept)
+    with np.errstate(over="ignore"):  # an overflow is reported below, as the file's problem
+        out *= np.float32(slope)
+        out += np.float32(intercept)
+    if not np.isfinite(out).all():  # overflowed float32: windowing would turn it into a flat image
+        raise XRayReadError(
+            f"{path}: Rescale Slope/Intercept ({slope}, {intercept}) overflow the pixel values to "
+            "infinity; fix the header."
+        )
     return out
 
 

@@ -256,7 +256,7 @@ def _scale_uint(arr: np.ndarray, denom: float) -> np.ndarray:
 
 
 def _minmax(arr: np.ndarray, source: Path | str) -> np.ndarray:
-    """Map finite values to [0, 1] by their [min, max]; NaN/inf become 0; constant images zeros.
+    """Map finite values to [0, 1] by their [min, max]; NaN/inf become the minimum; constant images zeros.
 
     Args:
         arr: any real array ``(H, W)``.
@@ -267,9 +267,13 @@ def _minmax(arr: np.ndarray, source: Path | str) -> np.ndarray:
     """
     out = arr.astype(np.float32, copy=True)
     finite = np.isfinite(out)
+    if not finite.any():
+        # e.g. a DICOM whose rescale overflows float32, or an all-NaN TIFF: no measurement at all,
+        # which must not become a valid-looking black image
+        raise XRayReadError(f"{source}: every pixel is NaN or infinite; the file holds no usable image.")
     if not finite.all():
-        logger.warning("%s: %d non-finite pixels set to 0.", source, int((~finite).sum()))
-        out[~finite] = 0.0 if not finite.any() else out[finite].min()
+        logger.warning("%s: %d non-finite pixels set to the image's minimum.", source, int((~finite).sum()))
+        out[~finite] = out[finite].min()
     lo, hi = float(out.min()), float(out.max())
     if hi <= lo:
         logger.warning("%s: image is constant (value %g); returning zeros.", source, lo)

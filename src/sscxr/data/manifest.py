@@ -71,6 +71,25 @@ def canonical_label(label: str) -> str:
     return _LABEL_ALIASES.get(key, cleaned)
 
 
+# Split spellings -> the names every command uses (compared lower-cased).
+_SPLIT_ALIASES: dict[str, str] = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+def canonical_split(split: str) -> str:
+    """`TRAINING`, `Validation`, `Test` ... -> train / val / test; other names kept as written (stripped)."""
+    cleaned = split.strip()
+    return _SPLIT_ALIASES.get(cleaned.lower(), cleaned)
+
+
 @dataclass(frozen=True)
 class ManifestRow:
     """One image of a manifest. Paths are as written (relative to `Manifest.root` or absolute)."""
@@ -218,7 +237,29 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     reader.fieldnames = header
     rows = [_parse_row(path, reader.line_num, record) for record in reader]
     _check_duplicates(path, rows)
-    return Manifest(_fill_patients(path, rows), path.parent)
+    return Manifest(_fill_patients(path, _canonical(path, rows)), path.parent)
+
+
+def _canonical(path: Path, rows: list[ManifestRow]) -> list[ManifestRow]:
+    """Labels and splits in the names the tasks use (`COVID` -> covid-19, `TRAINING` -> train), saying
+    what was renamed, and warning about rows no command will read (no split while others have one)."""
+    out = [replace(r, label=canonical_label(r.label), split=canonical_split(r.split)) for r in rows]
+    renamed = Counter(
+        f"{a.label!r} -> {b.label!r}" for a, b in zip(rows, out, strict=True) if a.label != b.label
+    )
+    renamed.update(
+        f"split {a.split!r} -> {b.split!r}" for a, b in zip(rows, out, strict=True) if a.split != b.split
+    )
+    if renamed:
+        logger.info("%s: renamed %s", path, ", ".join(f"{k} ({n} rows)" for k, n in sorted(renamed.items())))
+    unsplit = sum(not r.split for r in out)
+    if 0 < unsplit < len(out):
+        logger.warning(
+            "%s: %d of %d rows have no split, so no training or evaluation command reads them; "
+            "`sscxr split %s --split 0.7,0.15,0.15` assigns them (by patient).",
+            path, unsplit, len(out), path,
+        )  # fmt: skip
+    return out
 
 
 def _parse_row(path: Path, line: int, record: dict[str | None, Any]) -> ManifestRow:

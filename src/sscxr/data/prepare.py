@@ -14,6 +14,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -32,17 +33,24 @@ from sscxr.data.cache_format import (
     FORMAT_VERSION,
     _read_progress,
     _write_index,
+    crc,
+    npy_data_offset,
+    npy_problem,
     resize_mask,
     resize_to_cache,
     resume_command,
+    row_intact,
 )
 from sscxr.data.manifest import Manifest, manifest_hash, read_manifest
 from sscxr.errors import DataError, SSCXRError
 from sscxr.utils import atomic_write_bytes, atomic_write_text
 
-__all__ = ["PrepareInterrupted", "PrepareReport", "prepare"]
+__all__ = ["MAX_SIZE", "PrepareInterrupted", "PrepareReport", "prepare"]
 
 logger = logging.getLogger(__name__)
+
+#: Largest cache side: 4096 x 4096 uint16 is 32 MiB a row, beyond any chest X-ray detector's resolution.
+MAX_SIZE = 4096
 
 
 class PrepareInterrupted(SSCXRError):
@@ -62,6 +70,7 @@ class PrepareReport:
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     images_per_s: float = 0.0
+    n_rebuilt: int = 0  # logged rows redone because their bytes no longer matched their checksums
 
 
 def _to_uint16(image: np.ndarray) -> np.ndarray:
@@ -114,7 +123,10 @@ def _load_row(task: _Task) -> _Result:
         "mask": mask is not None,
         "sum": float(unit.sum()),
         "sumsq": float(np.square(unit).sum()),
+        "crc": crc(pixels),
     }
+    if mask is not None:
+        record["mask_crc"] = crc(mask)
     return _Result(task.index, pixels, mask, record)
 
 
@@ -161,8 +173,11 @@ def _check_reusable(out_dir: Path, header: dict[str, Any], overwrite: bool) -> N
     """Refuse to mix two caches in one folder; with `overwrite`, delete the old one's files."""
     old = None
     if (out_dir / "index.json").exists():
-        old = json.loads((out_dir / "index.json").read_text())
-    elif (out_dir / "progress.jsonl").exists():
+        try:
+            old = json.loads((out_dir / "index.json").read_text())
+        except (ValueError, UnicodeDecodeError):  # damaged: the progress log still says what the cache is
+            logger.warning("%s: index.json is damaged; it is rebuilt from progress.jsonl", out_dir)
+    if not isinstance(old, dict) and (out_dir / "progress.jsonl").exists():
         old = _read_progress(out_dir)[0]
     if old is None or _same_cache(old, header):
         return
@@ -171,32 +186,68 @@ def _check_reusable(out_dir: Path, header: dict[str, Any], overwrite: bool) -> N
             f"{out_dir} already holds a cache of another manifest or geometry (manifest hash "
             f"{old.get('manifest_hash')}, size {old.get('size')}, fit {old.get('fit')}; asked: "
             f"{header['manifest_hash']}, {header['size']}, {header['fit']}). Choose another output folder "
-            "or pass overwrite=True (`--overwrite`) to replace it."
+            "or pass --overwrite to replace it."
         )
     for name in _FILES:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def _open_arrays(out_dir: Path, header: dict[str, Any], fresh: bool) -> tuple[np.memmap, np.memmap | None]:
+def _array_specs(header: dict[str, Any]) -> list[tuple[str, type]]:
+    return [("images.npy", np.uint16)] + ([("masks.npy", np.uint8)] if header["has_masks"] else [])
+
+
+def _open_arrays(
+    out_dir: Path, header: dict[str, Any], fresh: bool
+) -> tuple[np.memmap, np.memmap | None, bool]:
+    """Open (or create) the cache's memmaps for writing.
+
+    On resume a damaged file is repaired rather than trusted or refused: a file of the right header but
+    the wrong length (truncated, or cut by a full disk) is brought back to its length, and its rows are
+    then checked against their checksums; a missing file or an unreadable header is created anew.
+
+    Returns:
+        (images, masks or None, recreated): `recreated` when a file had to be made anew, so every row
+        must be decoded again.
+    """
     n, s = header["n"], header["size"]
-    names = ["images.npy"] + (["masks.npy"] if header["has_masks"] else [])
     arrays: list[np.memmap] = []
-    for name, dtype in zip(names, (np.uint16, np.uint8), strict=False):
+    recreated = False
+    for name, dtype in _array_specs(header):
         path = out_dir / name
-        if fresh:
+        problem = None if fresh else npy_problem(path, (n, s, s), dtype)
+        if problem is not None:
+            layout = npy_data_offset(path) if path.is_file() else None
+            if layout is not None and layout[1:] == ((n, s, s), np.dtype(dtype)):
+                logger.warning("%s %s; restoring its length and checking every row", path, problem)
+                os.truncate(path, layout[0] + n * s * s * np.dtype(dtype).itemsize)
+            else:
+                logger.warning("%s %s; creating it again (every row is decoded again)", path, problem)
+                path.unlink(missing_ok=True)
+                recreated = True
+        if fresh or not path.exists():
             arrays.append(np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, s, s)))
-            continue
-        try:
-            arr = np.load(path, mmap_mode="r+")
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: unreadable ({e}); rerun with overwrite=True (`--overwrite`).") from e
-        if arr.shape != (n, s, s) or arr.dtype != dtype:
-            raise DataError(
-                f"{path}: shape {arr.shape} {arr.dtype}, expected {(n, s, s)} {np.dtype(dtype)}; "
-                "rerun with overwrite=True (`--overwrite`)."
-            )
-        arrays.append(arr)
-    return arrays[0], (arrays[1] if len(arrays) > 1 else None)
+        else:
+            arrays.append(np.load(path, mmap_mode="r+"))
+    return arrays[0], (arrays[1] if len(arrays) > 1 else None), recreated
+
+
+def _damaged(images: np.ndarray, masks: np.ndarray | None, records: dict[int, dict[str, Any]]) -> list[int]:
+    """Logged rows whose bytes no longer match the checksums written with them."""
+    return sorted(i for i, rec in records.items() if row_intact(images, masks, i, rec) is False)
+
+
+def _check_room(out_dir: Path, header: dict[str, Any], fresh: bool) -> None:
+    """Refuse, before anything is allocated, a cache larger than the free space of its disk."""
+    if not fresh:
+        return
+    n, s = header["n"], header["size"]
+    need = n * s * s * (2 + (1 if header["has_masks"] else 0))
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise DataError(
+            f"{out_dir}: a {s} x {s} cache of {n:,} images needs {need / 2**30:.1f} GiB, the disk has "
+            f"{free / 2**30:.1f} GiB free; choose a smaller --size or another --out."
+        )
 
 
 class _Writer:
@@ -312,8 +363,10 @@ def prepare(
         DataError: unreadable manifest, or `out_dir` holds another cache and `overwrite` is False.
         PrepareInterrupted: on Ctrl-C, after saving finished rows; the message gives the resume command.
     """
-    if size < 1 or fit not in FITS or chunk < 1:
-        raise ValueError(f"need size >= 1, fit in {FITS}, chunk >= 1; got {size}, {fit!r}, {chunk}")
+    if not 8 <= size <= MAX_SIZE:
+        raise DataError(f"--size {size}: the cache side must be between 8 and {MAX_SIZE} pixels.")
+    if fit not in FITS or chunk < 1:
+        raise ValueError(f"need fit in {FITS}, chunk >= 1; got {fit!r}, {chunk}")
     manifest_path, out_dir = Path(os.path.abspath(manifest_path)), Path(os.path.abspath(out_dir))
     manifest = read_manifest(manifest_path)
     if len(manifest) == 0:
@@ -323,7 +376,16 @@ def prepare(
     _check_reusable(out_dir, header, overwrite)
     old_header, done = _read_progress(out_dir)
     fresh = old_header is None
-    images, masks = _open_arrays(out_dir, header, fresh)
+    _check_room(out_dir, header, fresh)
+    images, masks, recreated = _open_arrays(out_dir, header, fresh)
+    damaged = list(done) if recreated else _damaged(images, masks, done)
+    if damaged and not recreated:
+        logger.warning(
+            "%s: %d finished rows no longer match their checksums (first: %s); decoding them again",
+            out_dir, len(damaged), damaged[:5],
+        )  # fmt: skip
+    for i in damaged:
+        del done[i]
     if fresh:  # header last: a folder with a header always has its arrays
         done = {}
         atomic_write_bytes(out_dir / "manifest.csv", manifest_path.read_bytes())
@@ -350,7 +412,9 @@ def prepare(
             f"{remaining} remain. Resume with: {resume_command(header, out_dir)}"
         ) from None
     seconds = time.perf_counter() - start
-    return _finish(out_dir, header, manifest, n_done, len(manifest) - len(tasks), seconds)
+    report = _finish(out_dir, header, manifest, n_done, len(manifest) - len(tasks), seconds)
+    report.n_rebuilt = len(damaged)
+    return report
 
 
 def _task(manifest: Manifest, i: int, size: int, fit: str) -> _Task:

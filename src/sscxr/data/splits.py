@@ -1,11 +1,14 @@
 """Patient-level splits: every image of a patient lands in one split, and held-out sites stay out of training.
 
 Typical use: `hold_out_sites` first (those rows get `test_site`), then `patient_split` fills the rows that
-still have no split, then `check_no_leak` before training.
+still have no split, then `check_no_leak` before training. Every command that trains or evaluates on a
+cache calls `require_no_leak`, so a manifest edited by hand (a patient in train and test) is refused
+there too, not only when splits are assigned.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
@@ -20,6 +23,8 @@ DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.7, "val": 0.15, "test": 0.15}
 HELD_OUT_SPLIT = "test_site"
 TRAINING_SPLITS: tuple[str, ...] = ("train", "val")
 _SHOWN = 5
+
+logger = logging.getLogger(__name__)
 
 
 def _check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
@@ -220,6 +225,33 @@ def check_no_leak(
         problems.append(f"held-out site(s) also in training splits: {'; '.join(sites)}")
     if problems:
         raise DataError(
-            f"manifest in {manifest.root}: " + ". ".join(problems) + ". Re-run patient_split with "
-            "only_empty=False (after hold_out_sites), or fix the split column."
+            f"manifest in {manifest.root}: " + ". ".join(problems) + ". Re-split it with `sscxr split "
+            "MANIFEST --split 0.7,0.15,0.15 --resplit` (with --hold-out-site if sites are held out), "
+            "or fix the split column."
         )
+
+
+def require_no_leak(manifest: Manifest, allow: bool, option: str) -> list[str]:
+    """`check_no_leak` for a command about to train or evaluate: refuse a leak unless `allow`.
+
+    Args:
+        manifest: the rows the command reads (e.g. `ImageCache.manifest`).
+        allow: report the leak as a warning and go on (results on the leaking splits are optimistic).
+        option: how the user allows it, quoted in the error ("set data.allow_leakage=true").
+
+    Returns:
+        [] when there is no leak, else the leak's description (the run goes on only when `allow`).
+
+    Raises:
+        DataError: a leak and not `allow`.
+    """
+    try:
+        check_no_leak(manifest)
+    except DataError as e:
+        if not allow:
+            raise DataError(
+                f"{e} To go on anyway (its test results would be optimistic): {option}."
+            ) from None
+        logger.warning("%s Going on (%s): results on the leaking splits are optimistic.", e, option)
+        return [str(e)]
+    return []

@@ -43,6 +43,7 @@ CODES = (
     "few_steps",
     "degenerate_operating_point",
     "unbalanced_loss",
+    "leakage",
 )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from sscxr import __version__
 from sscxr.data.cache import ImageCache
+from sscxr.data.splits import require_no_leak
 from sscxr.errors import DataError
 from sscxr.evaluation.classification import (
     ThresholdChoice,
@@ -90,6 +91,7 @@ class EvalOptions:
     device: str | None = None
     precision: str = "auto"
     progress: bool = True
+    allow_leakage: bool = False  # a patient in two splits of a test cache: warn (flag) instead of refusing
 
 
 def slug(name: str) -> str:
@@ -265,6 +267,10 @@ def evaluate_models(
     if len({m.name for m in models}) != len(models) or len({t.name for t in tests}) != len(tests):
         raise DataError("model names and test-set names must be unique (NAME=... in --model / --test)")
     opened = {t.name: open_split(t.split) for t in tests}
+    leaks = {
+        name: require_no_leak(cache.manifest, options.allow_leakage, "pass --allow-leakage")
+        for name, (cache, _) in opened.items()
+    }
     val_data = None
     if val is not None:
         vcache, vidx = open_split(val)
@@ -277,6 +283,8 @@ def evaluate_models(
         for m in models
         for t in tests
     ]
+    for r in results:  # allowed leaks are reported with every result they may inflate
+        r["flags"] += [{"code": "leakage", "message": text} for text in leaks[r["test_set"]]]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -434,7 +434,7 @@ def build_finetuning(
     Returns:
         (task, train_set, val_set); val_set is None when the validation split has no usable image.
     """
-    cache = open_cache(cfg.data.cache, cfg.model.img_size)
+    cache = open_cache(cfg.data.cache, cfg.model.img_size, cfg.data.allow_leakage)
     task_map = label_task_of(cfg.classify)
     c = cfg.classify
     train_idx, val_idx, data_info = select_rows(

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from sscxr.data.cache import ImageCache
+from sscxr.data.splits import require_no_leak
 from sscxr.errors import CheckpointError, ConfigError
 from sscxr.models.loading import LoadReport, load_encoder_weights
 
@@ -19,17 +20,20 @@ log = logging.getLogger(__name__)
 INIT_MODES = ("scratch", "sscxr", "timm", "auto")
 
 
-def open_cache(cache_dir: str | os.PathLike[str], img_size: int) -> ImageCache:
-    """Open the prepared cache at `cache_dir` and check that its images are `img_size` pixels square.
+def open_cache(cache_dir: str | os.PathLike[str], img_size: int, allow_leakage: bool = False) -> ImageCache:
+    """Open the prepared cache at `cache_dir` for training: `img_size` pixels square, no leak between splits.
 
     The model's position embeddings are sized for `model.img_size`; a cache prepared at another size
     would fail deep inside the first forward pass, so the mismatch is reported here with both fixes.
+    A patient in two splits, or a held-out site with training rows, is refused (`require_no_leak`)
+    unless `allow_leakage` (`data.allow_leakage=true`), which only warns.
 
     Raises:
-        DataError: no (finished) cache at `cache_dir` (from `ImageCache.open`).
+        DataError: no (finished) cache at `cache_dir` (from `ImageCache.open`), or a leak.
         ConfigError: the cache holds images of another size than `img_size`.
     """
     cache = ImageCache.open(cache_dir)
+    require_no_leak(cache.manifest, allow_leakage, "set data.allow_leakage=true")
     if cache.size != img_size:
         raise ConfigError(
             f"the cache {cache_dir} holds {cache.size} px images but model.img_size is "

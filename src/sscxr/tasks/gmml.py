@@ -141,7 +141,7 @@ def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDat
     Returns:
         (task, train_set, val_set); val_set is None when the cache has no images in `data.val_split`.
     """
-    cache = open_cache(cfg.data.cache, cfg.model.img_size)
+    cache = open_cache(cfg.data.cache, cfg.model.img_size, cfg.data.allow_leakage)
     mean, std = cache.stats
     norm = Normalization(mean=float(mean), std=float(std))
     train_splits = [s for s in cfg.gmml.splits if s != cfg.data.val_split]

@@ -278,7 +278,7 @@ def build_segmentation(
     Returns:
         (task, train_set, val_set); val_set is None when `data.val_split` has no masked images.
     """
-    cache = open_cache(cfg.data.cache, cfg.model.img_size)
+    cache = open_cache(cfg.data.cache, cfg.model.img_size, cfg.data.allow_leakage)
     s = cfg.seg
     spec = SegmenterSpec(
         vit=cfg.model, normalization=Normalization(*cache.stats), out_channels=s.out_channels,
