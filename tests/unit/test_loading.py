@@ -217,3 +217,19 @@ def test_interpolate_pos_embed_identity_and_shape() -> None:
 def test_normalization_validation() -> None:
     with pytest.raises(ValueError, match="std"):
         Normalization(0.5, 0.0)
+
+
+def test_damaged_weight_files_are_one_checkpoint_error(tmp_path: Path) -> None:
+    """A half-copied export must be named, with the fix, wherever weights are loaded."""
+    from sscxr.models.classifier import ViTClassifier, export_classifier, load_classifier
+
+    weights, _ = export_encoder(_encoder(), TINY, NORM, tmp_path / "enc.safetensors")
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])  # truncated copy
+    with pytest.raises(CheckpointError, match=r"enc\.safetensors: not a readable safetensors file"):
+        load_encoder_weights(_encoder(), weights)
+    (tmp_path / "cls").mkdir()
+    export_classifier(ViTClassifier(_encoder(), ["healthy", "covid-19"]), TINY, tmp_path / "cls")
+    (tmp_path / "cls" / "model.safetensors").write_bytes(b"garbage, not a header")
+    with pytest.raises(CheckpointError, match="Copy it again or export the model again"):
+        load_classifier(tmp_path / "cls")

@@ -26,7 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sscxr.errors import CheckpointError
-from sscxr.models.loading import Normalization, read_model_meta
+from sscxr.models.loading import Normalization, read_model_meta, read_safetensors
 from sscxr.models.vit import ViTConfig, build_vit, infer_vit_arch, vit_config_from_dict
 from sscxr.utils import atomic_write_bytes, atomic_write_json
 
@@ -247,7 +247,7 @@ def load_classifier(
             thresholds=meta.get("thresholds"),
             pool=str(meta.get("pool", "token")),
         )
-    state = safetensors.torch.load_file(str(weights), device="cpu")
+    state = read_safetensors(weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,23 @@ def read_export_meta(path: str | Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT else None
 
 
+def read_safetensors(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file (on the CPU); a damaged or half-copied file is a
+    CheckpointError that names it, not a raw SafetensorError from deep inside a command.
+
+    Raises:
+        CheckpointError: missing, truncated, or not a safetensors file.
+    """
+    try:
+        return safetensors.torch.load_file(str(weights), device="cpu")
+    except (OSError, ValueError, safetensors.SafetensorError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise CheckpointError(
+            f"{weights}: not a readable safetensors file ({reason}); a half-copied or damaged file? "
+            "Copy it again or export the model again."
+        ) from None
+
+
 def read_model_meta(meta_path: Path, fmt: str, version: int, kind: str) -> dict[str, Any]:
     """The `model.json` of a fine-tuned export (classifier, segmenter), checked before it is trusted.
 
@@ -252,7 +270,7 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str, dict[str, A
         if not weights.is_file():
             raise CheckpointError(f"{weights}: weight file not found")
         meta = read_export_meta(weights)
-        state = safetensors.torch.load_file(str(weights), device="cpu")
+        state = read_safetensors(weights)
         source = "sscxr-export" if meta is not None else "timm"
     elif path.is_file():
         obj = _torch_load(path)

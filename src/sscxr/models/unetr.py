@@ -29,7 +29,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sscxr.errors import CheckpointError
-from sscxr.models.loading import Normalization, read_model_meta
+from sscxr.models.loading import Normalization, read_model_meta, read_safetensors
 from sscxr.models.vit import ViTConfig, build_vit, vit_config_from_dict
 from sscxr.utils import atomic_write_bytes, atomic_write_json
 
@@ -334,7 +334,7 @@ def load_segmenter(path: str | Path) -> Segmenter:
     meta = read_model_meta(meta_path, SEGMENTER_FORMAT, SEGMENTER_VERSION, "segmenter")
     spec = SegmenterSpec.from_dict(meta)
     model = build_unetr(spec)
-    state = safetensors.torch.load_file(str(weights), device="cpu")
+    state = read_safetensors(weights)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
