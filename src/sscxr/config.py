@@ -207,6 +207,8 @@ def load_config(cls: type[T], paths: Sequence[str] = (), overrides: Sequence[str
             data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e}).") from e
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8.") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...).")
         layers.append((str(path), data))
@@ -216,8 +218,15 @@ def load_config(cls: type[T], paths: Sequence[str] = (), overrides: Sequence[str
         try:
             merged = OmegaConf.merge(merged, data)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{origin}: {e}".split("\n")[0]) from e
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+            key = getattr(e, "full_key", None)
+            raise ConfigError(f"{origin}: {key + ': ' if key else ''}{e}".split("\n")[0]) from None
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except (ValueError, TypeError) as e:  # a section's own check (e.g. ViTConfig: img_size % patch_size)
+        origins = ", ".join(o for o, _ in layers)
+        raise ConfigError(f"invalid config ({e}); from {origins}").with_traceback(None) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config: {e}".split("\n")[0]) from None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -200,3 +200,65 @@ def test_split_refuses_a_leak_and_resplit_repairs_it(
     fixed = read_manifest(tmp_path / "leaky.csv")
     check_no_leak(fixed)
     assert {r.split for r in fixed.rows if r.site == "site_d"} == {"test_site"}
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import sscxr.data.cache
+    from sscxr.cli import main
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "images.npy"))
+
+    monkeypatch.setattr(sscxr.data.cache, "prepare", full)
+    assert main(["prepare", str(tmp_path / "m.csv"), "--out", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the disk is full" in err[0] and "images.npy" in err[0] and "re-run" in err[0]
+    with pytest.raises(OSError):  # -v: the traceback, for a bug report
+        main(["-v", "prepare", str(tmp_path / "m.csv"), "--out", str(tmp_path / "cache")])
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["evaluate", "--model", "a=b", "--test", "t=c:test", "--n-boot", "-5", "--out", "o"], "--n-boot"),
+        (
+            ["evaluate", "--model", "a=b", "--test", "t=c:test", "--batch-size", "0", "--out", "o"],
+            "--batch-size",
+        ),
+        (["prepare", "m.csv", "--out", "c", "--workers", "-2"], "--workers"),
+        (["split", "m.csv", "--split", "0.7,0.2"], "summing to 1"),
+        (["split", "m.csv", "--split", "a,b,c"], "expected three numbers"),
+    ],
+)
+def test_bad_numbers_are_refused_by_the_parser(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sscxr.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.img_size=63"], "img_size (63) must be a multiple of patch_size (16)"),
+        (["model.depth=0"], "depth must be a positive integer"),
+        (["train.epochs=abc"], "train.epochs:"),
+        (["gmml.recon_blocks=[2,9]"], "blocks are 1..6"),
+        (["gmml.recon_blocks=[2,3]"], "stop before the last block"),
+    ],
+)
+def test_bad_configs_are_one_line(
+    overrides: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sscxr.cli import main
+
+    assert main(["pretrain", "-c", "tiny", *overrides, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err

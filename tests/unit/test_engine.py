@@ -339,3 +339,24 @@ def test_single_process_distributed_helpers(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         init_distributed("cpu")
+
+
+def test_a_folder_holding_another_run_is_refused_unless_forced(tmp_path: Path) -> None:
+    from sscxr.errors import CheckpointError
+
+    def run(lr: float, epochs: int = 1, **kw: Any) -> FitResult:
+        train = TrainConfig(epochs=epochs, batch_size=4, workers=0, amp="off", progress=False, log_every=1)
+        optim = OptimConfig(lr=lr, warmup_epochs=0)
+        config = {"train": train, "optim": optim}
+        return fit(ToyTask(), ToyDataset(n=8), None, train, optim, tmp_path, None, config, **kw)
+
+    run(1e-2)
+    lines = (tmp_path / "metrics.jsonl").read_text().count("\n")
+    run(1e-2, epochs=2)  # same experiment, longer: resumes (train.epochs may change)
+    with pytest.raises(CheckpointError, match=r"another config \(optim\.lr: 0\.01 -> 0\.02\).*--force"):
+        run(2e-2)
+    with pytest.raises(CheckpointError, match=r"holds another run's metrics\.jsonl"):
+        run(1e-2, resume=False)  # a fresh start would append to the old run's log
+    result = run(2e-2, force=True)
+    assert result.state.step == 2  # started over: 8 samples / batch 4, one epoch
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == lines  # only this run's records

@@ -136,6 +136,53 @@ def test_folder_errors(tmp_path: Path) -> None:
         import_folder(tmp_path)
 
 
+def test_folder_patient_pattern_keeps_a_patients_images_together(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("COVID-00015a", "COVID-00015b", "COVID-00016a", "odd-name"):
+        png(tmp_path / "covid" / f"{name}.png")
+    png(tmp_path / "normal" / "n1.png")
+    with caplog.at_level(logging.WARNING):
+        m = import_folder(tmp_path, patient_pattern=r"^(COVID-\d+)")
+    ids = {r.path: r.patient_id for r in m}
+    assert ids["covid/COVID-00015a.png"] == ids["covid/COVID-00015b.png"] == "COVID-00015"
+    assert ids["covid/COVID-00016a.png"] == "COVID-00016" and ids["covid/odd-name.png"] == "covid/odd-name"
+    assert "matched 3 of 5 file names" in caplog.text
+    with pytest.raises(DataError, match="not a regular expression"):
+        import_folder(tmp_path, patient_pattern="(unclosed")
+
+
+def test_folder_refuses_a_mask_folder_as_a_class(tmp_path: Path) -> None:
+    png(tmp_path / "train_images" / "a.png")
+    png(tmp_path / "train_masks" / "a.png", box(0, 4, 0, 4))
+    with pytest.raises(DataError, match=r"\['train_masks'\] hold masks.*sscxr import pairs"):
+        import_folder(tmp_path)
+
+
+def test_cli_keyed_pseudonyms_from_a_key_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sscxr.cli import main
+
+    dicom(tmp_path / "imgs" / "one.dcm", "MRN-123456")
+    key = tmp_path / "key.txt"
+    key.write_text("0123456789abcdef0123\n")
+    out = tmp_path / "m.csv"
+    assert (
+        main(
+            ["import", "folder", str(tmp_path / "imgs"), "--out", str(out), "--pseudonym-key-file", str(key)]
+        )
+        == 0
+    )
+    assert read_manifest(out)[0].patient_id == pseudonym("MRN-123456", "0123456789abcdef0123")
+    key.write_text("short")
+    assert (
+        main(
+            ["import", "folder", str(tmp_path / "imgs"), "--out", str(out), "--pseudonym-key-file", str(key)]
+        )
+        == 2
+    )
+    assert "at least 16" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ COVIDx
 def test_covidx_cxr3_and_missing_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     png(tmp_path / "train" / "a.png")

@@ -276,6 +276,15 @@ def _encapsulated(path: Path, syntax: str) -> Path:
     return path
 
 
+def test_bogus_transfer_syntax_uid_is_a_read_error(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "bogus.dcm", stored_values(12))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7.8.9"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(XRayReadError, match=r"bogus\.dcm: transfer syntax UID '1\.2\.3\.4\.5\.6\.7\.8\.9'"):
+        read_xray(path)
+
+
 def test_transfer_syntax_without_decoder_raises(tmp_path: Path) -> None:
     path = _encapsulated(tmp_path / "mpeg.dcm", uid.MPEG2MPML)
     with pytest.raises(XRayReadError, match=r"mpeg\.dcm.*no pixel decoder"):

@@ -58,8 +58,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Errors we raise on purpose carry a message a user can act on: no traceback needed.
         print(f"sscxr {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if args.verbose:
+            raise
+        print(f"sscxr {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             f"sscxr {args.command}: interrupted; finished work is kept (re-run to resume).", file=sys.stderr
         )
         return 130
+
+
+def _os_error(e: OSError) -> str:
+    """One line for a file-system error: which file, what happened, what to do (finished work is kept)."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"the disk is full{where}; free some space and re-run: finished work is kept and resumed"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}; choose a folder you can write to, or fix its permissions"
+    if e.errno == errno.ENOENT:
+        return f"no such file or folder{where}; check the path"
+    return f"{e.strerror or e}{where} (run with -v for the traceback)"

@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sscxr.cli.argtypes import fractions, int_at_least
+
 if TYPE_CHECKING:
     from sscxr.data.manifest import Manifest
 
@@ -18,9 +20,13 @@ log = logging.getLogger(__name__)
 
 def _synth(args: argparse.Namespace) -> int:
     from sscxr.data.synth import SynthConfig, generate_cohort
-
-    cfg = SynthConfig(n_adult=args.n_adult, n_pediatric=args.n_pediatric, size=args.size, seed=args.seed)
+    from sscxr.errors import ConfigError
     from sscxr.viz.contact_sheet import cohort_contact_sheet
+
+    try:
+        cfg = SynthConfig(n_adult=args.n_adult, n_pediatric=args.n_pediatric, size=args.size, seed=args.seed)
+    except ValueError as e:
+        raise ConfigError(f"sscxr synth: {e}") from None
 
     manifest = generate_cohort(cfg, args.out, workers=args.workers, force=args.force)
     sheet = Path(args.out) / "contact_sheet.png"
@@ -41,7 +47,8 @@ def _read_layout(args: argparse.Namespace) -> Manifest:
     if missing:
         raise ConfigError(f"'sscxr import {layout}' needs {', '.join(missing)}")
     if layout == "folder":
-        return importers.import_folder(args.root, site=args.site)
+        key, pattern = _pseudonym_key(args), args.patient_pattern
+        return importers.import_folder(args.root, site=args.site, pseudonym_key=key, patient_pattern=pattern)
     if layout == "kermany":
         return importers.import_kermany(args.root, site=args.site or "kermany")
     if layout == "covidx":
@@ -54,7 +61,12 @@ def _read_layout(args: argparse.Namespace) -> Manifest:
     if layout == "pairs":
         return importers.import_image_mask_pairs(args.root, args.masks, site=args.site)
     if layout == "jsrt":
-        values = [int(v) for v in str(args.lung_values).split(",")]
+        try:
+            values = [int(v) for v in str(args.lung_values).split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--lung-values {args.lung_values!r}: expected grey values, e.g. 255,128"
+            ) from None
         site = args.site or "jsrt"
         return importers.import_jsrt_masks(args.root, args.masks, values, args.masks_out, site=site)
     return importers.import_csv(
@@ -66,6 +78,24 @@ def _read_layout(args: argparse.Namespace) -> Manifest:
         site=args.site,
         site_col=args.site_col,
     )
+
+
+def _pseudonym_key(args: argparse.Namespace) -> str:
+    """The secret of keyed patient pseudonyms, read from the file the user named ("" = unkeyed)."""
+    from sscxr.errors import ConfigError
+
+    if args.pseudonym_key_file is None:
+        return ""
+    try:
+        key = Path(args.pseudonym_key_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--pseudonym-key-file {args.pseudonym_key_file}: unreadable ({e})") from None
+    if len(key) < 16:
+        raise ConfigError(
+            f"--pseudonym-key-file {args.pseudonym_key_file}: the secret is {len(key)} characters; use "
+            "at least 16 (e.g. `python -c 'import secrets; print(secrets.token_hex(32))' > key.txt`)"
+        )
+    return key
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -90,13 +120,9 @@ def _apply_splits(m: Manifest, args: argparse.Namespace) -> Manifest:
     if args.hold_out_site:
         m = splits.hold_out_sites(m, args.hold_out_site)
     if args.split:
-        fr = [float(x) for x in args.split.split(",")]
-        if len(fr) != 3:
-            from sscxr.errors import ConfigError
-
-            raise ConfigError("--split takes three fractions: train,val,test (e.g. 0.7,0.15,0.15)")
-        fractions = {"train": fr[0], "val": fr[1], "test": fr[2]}
-        m = splits.patient_split(m, fractions, seed=args.seed)
+        fr = args.split  # three fractions summing to 1 (argtypes.fractions)
+        shares = {"train": fr[0], "val": fr[1], "test": fr[2]}
+        m = splits.patient_split(m, shares, seed=args.seed)
         splits.check_no_leak(m)
     return m
 
@@ -152,7 +178,9 @@ def _verify(out: Path) -> int:
 
 
 def _split_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", help="patient-level split fractions train,val,test (e.g. 0.7,0.15,0.15)")
+    p.add_argument(
+        "--split", type=fractions, help="patient-level split fractions train,val,test (e.g. 0.7,0.15,0.15)"
+    )
     p.add_argument(
         "--hold-out-site", action="append", default=[], help="site kept out of training (test_site)"
     )
@@ -172,7 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--n-pediatric", type=int, default=90)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=int_at_least(0), default=None)
     p.add_argument("--force", action="store_true", help="overwrite a cohort made with another config")
     p.set_defaults(func=_synth)
 
@@ -192,6 +220,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--site-col", default="", help="csv: column of sites")
     p.add_argument("--image-dir", type=Path, help="csv: folder the image paths are relative to")
     p.add_argument("--site", default="", help="site/source name for every image")
+    p.add_argument(
+        "--patient-pattern",
+        default="",
+        help="folder: regex whose first group in a file name is the patient (e.g. '^(COVID-\\d+)')",
+    )
+    p.add_argument(
+        "--pseudonym-key-file",
+        type=Path,
+        help="folder: file holding a secret; DICOM patient ids become keyed (HMAC) pseudonyms",
+    )
     p.add_argument("--out", type=Path, required=True, help="manifest CSV to write")
     _split_args(p)
     p.set_defaults(func=_import)
@@ -207,7 +245,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", type=Path, required=True, help="cache folder")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--fit", choices=["stretch", "pad"], default="stretch")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument(
+        "--workers", type=int_at_least(0), default=None, help="decoding processes (default: all cores)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a cache built from another manifest")
     p.add_argument(
         "--verify", action="store_true", help="check every cached row against its checksum; change nothing"

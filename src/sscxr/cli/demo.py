@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sscxr.cli.argtypes import int_at_least
 from sscxr.errors import SSCXRError
 
 # Encoder starts of the segmentation stage (the study has its own): name -> fine-tuning overrides
@@ -139,14 +140,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=None,
         help="epochs of every training stage (default: each config's; 1 = a quick smoke run)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="batch size of every training stage")
+    p.add_argument(
+        "--batch-size", type=int_at_least(1), default=None, help="batch size of every training stage"
+    )
     p.add_argument(
         "--min-steps", type=int, default=None, help="fine-tuning step floor (default: the config's)"
     )
-    p.add_argument("--seeds", type=int, default=None, help="labelled-subset draws (default: the study's 5)")
+    p.add_argument(
+        "--seeds", type=int_at_least(1), default=None, help="labelled-subset draws (default: the study's 5)"
+    )
     p.add_argument("--task", default="healthy_vs_pathology", help="classification task")
     p.add_argument("--labelled-fraction", type=float, default=0.3, help="share of training patients labelled")
-    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for the intervals")
+    p.add_argument(
+        "--n-boot", type=int_at_least(0), default=500, help="bootstrap resamples for the intervals"
+    )
     p.add_argument("--pretrain-only", action="store_true", help="stop after pre-training")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_demo)

@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sscxr.cli.argtypes import int_at_least
 from sscxr.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -125,9 +126,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default="default",
         help="default (the model's, 0.5) | a number | youden | sensitivity:0.95 (binary tasks)",
     )
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of patients (0: no CIs)")
+    p.add_argument(
+        "--n-boot", type=int_at_least(0), default=1000, help="bootstrap resamples of patients (0: no CIs)"
+    )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int_at_least(1), default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--run-name", help="name of this evaluation in cross-run summaries (default: OUT's name)")

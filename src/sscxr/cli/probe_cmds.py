@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sscxr.cli.argtypes import int_at_least
 from sscxr.cli.evaluate_cmds import named
 from sscxr.errors import ConfigError
 
@@ -159,9 +160,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--features", default="avg4", choices=("avg4", "avg", "cls", "grid4"))
     p.add_argument("--no-knn", action="store_true", help="linear probes only")
     p.add_argument("--threshold", default="youden", help="youden | sensitivity:0.95 | a number | default")
-    p.add_argument("--n-boot", type=int, default=500, help="patient-bootstrap resamples (0: no intervals)")
+    p.add_argument(
+        "--n-boot", type=int_at_least(0), default=500, help="patient-bootstrap resamples (0: no intervals)"
+    )
     p.add_argument("--boot-seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int_at_least(1), default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", required=True, type=Path, help="output folder (re-run to resume)")
     p.set_defaults(func=_probe)

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sscxr.cli.argtypes import int_at_least
 from sscxr.cli.train_cmds import add_config_args, run_training
 
 if TYPE_CHECKING:
@@ -137,9 +138,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         action="store_true",
         help="also score masks post-processed (two largest components, holes filled)",
     )
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (by patient) for the CIs")
+    p.add_argument(
+        "--n-boot", type=int_at_least(0), default=1000, help="bootstrap resamples (by patient) for the CIs"
+    )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int_at_least(1), default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=_evaluate)
 

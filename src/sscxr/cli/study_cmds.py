@@ -10,6 +10,8 @@ import logging
 import time
 from pathlib import Path
 
+from sscxr.cli.argtypes import int_at_least
+
 log = logging.getLogger(__name__)
 
 
@@ -100,5 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--dry-run", action="store_true", help="print the steps that would run, run nothing")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from what is done")
     p.add_argument("--pretrain-only", action="store_true", help="stop after the data and pre-training steps")
-    p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default: the study's)")
+    p.add_argument(
+        "--n-boot", type=int_at_least(0), default=None, help="bootstrap resamples (default: the study's)"
+    )
     p.set_defaults(func=_study)

@@ -52,6 +52,11 @@ def add_config_args(p: argparse.ArgumentParser, default_config: str | None) -> N
         help="'auto' (resume from OUT/checkpoints/last.pt if present), a checkpoint path, or 'no'",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in an --out that holds another run (its checkpoints and metrics.jsonl are removed)",
+    )
 
 
 def seed_process(seed: int, rank: int) -> None:
@@ -107,6 +112,7 @@ def run_training(
             dist,
             cfg_dict,
             resume=resume_arg(args.resume),
+            force=getattr(args, "force", False),
         )
     finally:
         cleanup()

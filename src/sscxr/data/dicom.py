@@ -117,7 +117,14 @@ def _check_pixels(ds: Dataset, path: Path) -> UID:
             "state or truncated header?); remove it from the image list."
         )
     syntax = UID(ds.file_meta.TransferSyntaxUID)
-    if not syntax.is_compressed:
+    try:
+        compressed = syntax.is_compressed
+    except ValueError:  # pydicom: "UID is not a transfer syntax"
+        raise XRayReadError(
+            f"{path}: transfer syntax UID {str(syntax)!r} is not a DICOM transfer syntax (a damaged or "
+            "hand-edited file meta); re-export the file."
+        ) from None
+    if not compressed:
         return syntax
     try:
         decoder = get_decoder(syntax)

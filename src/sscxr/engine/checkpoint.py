@@ -253,3 +253,69 @@ def resolve_resume(run_dir: Path, resume: str | os.PathLike[str] | bool | None) 
             raise CheckpointError(f"{run_dir / 'checkpoints' / 'last.pt'}: nothing to resume from")
         return found
     return Path(resume)
+
+
+#: Config keys a resumed run may change: how long and how verbosely it runs, not what it trains.
+CONTINUATION_KEYS = frozenset({
+    "train.epochs", "train.min_steps", "train.max_steps", "train.log_every", "train.checkpoint_every",
+    "train.val_every", "train.progress", "train.workers",
+})  # fmt: skip
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_run_folder(run_dir: Path, config: Mapping[str, Any], resume_from: Path | None) -> None:
+    """Refuse to write a run into a folder that holds another run.
+
+    Another run is a `config.yaml` that differs in anything but `CONTINUATION_KEYS` (resuming it
+    would mix two experiments' weights, logs and exports), or a `metrics.jsonl` while this run starts
+    fresh (its lines would be appended to the old run's).
+
+    Args:
+        run_dir: the run folder (`--out`).
+        config: this run's plain config (as saved to config.yaml).
+        resume_from: the checkpoint this run resumes from, None for a fresh start.
+
+    Raises:
+        CheckpointError: naming the differing keys and the two ways out (another --out, or --force).
+    """
+    import yaml
+
+    problems = []
+    old_path = run_dir / "config.yaml"
+    if old_path.is_file():
+        try:
+            old = _flat(yaml.safe_load(old_path.read_text()) or {})
+        except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+            old = {}
+        new = _flat(yaml.safe_load(yaml.safe_dump(dict(config), sort_keys=False)) or {})
+        keys = (old.keys() | new.keys()) - CONTINUATION_KEYS
+        diff = sorted(k for k in keys if old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+            more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+            problems.append(f"holds a run with another config ({shown}{more})")
+    if resume_from is None and (run_dir / "metrics.jsonl").is_file():
+        problems.append("holds another run's metrics.jsonl, and this run starts fresh")
+    if problems:
+        raise CheckpointError(
+            f"{run_dir} {'; '.join(problems)}. Choose another --out, or pass --force to start over in "
+            "it (its checkpoints and metrics.jsonl are removed)."
+        )
+
+
+def clear_run_folder(run_dir: Path) -> None:
+    """--force: remove a previous run's checkpoints and logs (exports are replaced when this run ends)."""
+    removed = [p.name for p in (run_dir / "checkpoints", run_dir / "metrics.jsonl") if p.exists()]
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if removed:
+        log.warning("--force: removed %s from %s", ", ".join(removed), run_dir)

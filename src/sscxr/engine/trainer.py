@@ -24,6 +24,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from sscxr.engine.checkpoint import (
+    check_run_folder,
+    clear_run_folder,
     copy_checkpoint,
     find_resume_checkpoint,
     gather_rng_state,
@@ -104,6 +106,7 @@ def fit(
     config_dict: Mapping[str, Any] | None,
     collate_fn: Collate | None = None,
     resume: str | os.PathLike[str] | bool = "auto",
+    force: bool = False,
 ) -> FitResult:
     """Train `task` on `train_set`, validating on `val_set`; the only training loop of sscxr.
 
@@ -120,6 +123,8 @@ def fit(
         collate_fn: DataLoader collate function (default: torch's).
         resume: "auto" (resume from `run_dir/checkpoints/last.pt` when it exists), True (it must exist),
             a checkpoint path, or False (start fresh).
+        force: start fresh even when `run_dir` holds another run (its checkpoints and metrics.jsonl are
+            removed); without it such a folder is refused (`check_run_folder`).
 
     Returns:
         FitResult with the final TrainState, the run folder, the best metric and `last.pt`'s path.
@@ -129,11 +134,16 @@ def fit(
     if config_dict is None:
         config_dict = {"train": train_cfg, "optim": optim_cfg}
     config = plain_config(config_dict)
+    resume_from = None if force else resolve_resume(run_dir, resume)
+    if not force:  # every rank decides alike: they read the same folder
+        check_run_folder(run_dir, config, resume_from)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if force:
+            clear_run_folder(run_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     loop = _Loop(task, train_set, val_set, train_cfg, optim_cfg, run_dir, dist, config, collate_fn)
-    loop.restore(resolve_resume(run_dir, resume))
+    loop.restore(resume_from)
     return loop.run()
 
 

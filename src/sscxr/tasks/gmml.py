@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import default_collate
 
 from sscxr.data.datasets import GMMLDataset
-from sscxr.errors import DataError
+from sscxr.errors import ConfigError, DataError
 from sscxr.models.gmml import GMMLModel, default_recon_blocks, masked_l1_loss
 from sscxr.models.loading import Normalization, export_encoder
 from sscxr.models.vit import ViTConfig, build_vit
@@ -131,6 +131,20 @@ class GMMLTask(Task):
         return {"vit": asdict(self.vit_cfg), "normalization": asdict(self.normalization)}
 
 
+def _check_recon_blocks(blocks: list[int], depth: int) -> None:
+    """The decoder must read blocks that exist, and the last one: blocks above the highest one read get
+    no gradient, so they would be exported untrained (and DDP would wait for their gradients)."""
+    bad = [b for b in blocks if not 1 <= b <= depth]
+    if bad or not blocks:
+        raise ConfigError(f"gmml.recon_blocks {blocks}: blocks are 1..{depth} (model.depth={depth})")
+    if max(blocks) != depth:
+        raise ConfigError(
+            f"gmml.recon_blocks {blocks} stop before the last block ({depth}): blocks {max(blocks) + 1}.."
+            f"{depth} would get no gradient and be exported untrained; include {depth}, or set "
+            f"model.depth={max(blocks)}"
+        )
+
+
 def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDataset, GMMLDataset | None]:
     """Build the GMML task and its train/val datasets from a prepared cache.
 
@@ -140,7 +154,12 @@ def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDat
 
     Returns:
         (task, train_set, val_set); val_set is None when the cache has no images in `data.val_split`.
+
+    Raises:
+        ConfigError: `gmml.recon_blocks` outside 1..depth, or not reaching the last block.
     """
+    blocks = cfg.gmml.recon_blocks or list(default_recon_blocks(cfg.model.depth))
+    _check_recon_blocks(blocks, cfg.model.depth)
     cache = open_cache(cfg.data.cache, cfg.model.img_size, cfg.data.allow_leakage)
     mean, std = cache.stats
     norm = Normalization(mean=float(mean), std=float(std))
@@ -168,7 +187,6 @@ def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDat
     vis_batch = {k: v for k, v in vis_batch.items() if k in ("image", "corrupted", "mask")}
 
     encoder = build_vit(cfg.model)
-    blocks = cfg.gmml.recon_blocks or list(default_recon_blocks(cfg.model.depth))
     model = GMMLModel(
         encoder, recon_blocks=blocks, hidden=cfg.gmml.decoder_hidden, bottleneck=cfg.gmml.decoder_bottleneck
     )

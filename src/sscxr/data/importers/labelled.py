@@ -9,7 +9,7 @@ import io
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pydicom
@@ -64,6 +64,7 @@ def import_folder(
     class_subfolders: bool | None = None,
     site: str = "",
     pseudonym_key: str = "",
+    patient_pattern: str = "",
 ) -> Manifest:
     """Every image file under `root` (recursive), optionally labelled by its class folder.
 
@@ -75,10 +76,17 @@ def import_folder(
             (every image lies in such a folder and there are at least two of them).
         site: site written on every row.
         pseudonym_key: secret for keyed DICOM patient pseudonyms (see `pseudonym`).
+        patient_pattern: regular expression searched in each file name (without suffix) whose first
+            group (or whole match) is the patient, e.g. `^(COVID-[0-9]+)` for `COVID-00015a`,
+            `COVID-00015b`; files it does not match keep their own id (counted in a warning).
 
     Returns:
-        Manifest rooted at `root`; patient id = pseudonym of the DICOM PatientID, else the image's
-        relative path without suffix.
+        Manifest rooted at `root`; patient id = pseudonym of the DICOM PatientID, else the
+        `patient_pattern` match, else the image's relative path without suffix.
+
+    Raises:
+        DataError: no images; a class folder that holds masks (`*mask*`: use `sscxr import pairs`);
+            a `patient_pattern` that is not a regular expression.
     """
     root_path = _require_dir(Path(root), "image")
     images = _scan_images(root_path)
@@ -86,10 +94,22 @@ def import_folder(
         raise DataError(f"{root_path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found.")
     rels = [p.relative_to(root_path).parts for p in images]
     has_split, has_class = _layout(rels, class_subfolders)
-    rows = []
+    level = 1 if has_split else 0
+    if has_class:
+        mask_dirs = sorted({parts[level] for parts in rels if "mask" in parts[level].lower()})
+        if mask_dirs:
+            raise DataError(
+                f"{root_path}: folder(s) {mask_dirs} hold masks, which would be imported as X-rays "
+                "labelled by the folder name; import images and masks with `sscxr import pairs IMAGES "
+                "--masks MASKS`, or point `import folder` at the image folder."
+            )
+    by_name = _patient_matcher(patient_pattern)
+    rows, unmatched = [], 0
     for path, parts in zip(images, rels, strict=True):
-        level = 1 if has_split else 0
         patient = _dicom_patient(path, pseudonym_key) if _is_dicom(path) else None
+        if patient is None and by_name is not None:
+            patient = by_name(path.stem)
+            unmatched += patient is None
         rows.append(
             ManifestRow(
                 path=_rel(path, root_path),
@@ -99,7 +119,30 @@ def import_folder(
                 split=SPLIT_NAMES[parts[0].lower()] if has_split else "",
             )
         )
+    if unmatched:
+        logger.warning(
+            "%s: --patient-pattern %r matched %d of %d file names; the others are each their own patient",
+            root_path, patient_pattern, len(rows) - unmatched, len(rows),
+        )  # fmt: skip
     return Manifest(rows, root_path)
+
+
+def _patient_matcher(pattern: str) -> Callable[[str], str | None] | None:
+    """name -> patient (the first group, else the whole match; None: no match); None without a pattern."""
+    if not pattern:
+        return None
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise DataError(f"--patient-pattern {pattern!r} is not a regular expression ({e})") from None
+
+    def match(name: str) -> str | None:
+        m = regex.search(name)
+        if m is None:
+            return None
+        return m.group(1) if regex.groups else m.group(0)
+
+    return match
 
 
 # ------------------------------------------------------------------------------------------ COVIDx
