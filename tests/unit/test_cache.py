@@ -327,3 +327,14 @@ def test_stats_come_from_training_splits_only(tmp_path: Path) -> None:
     mean, std = cache.stats
     assert mean == pytest.approx(0.3, abs=1e-3) and std == pytest.approx(0.1, abs=1e-3)
     assert cache.index["stats"]["splits"] == ["train", "val"] and cache.index["stats"]["n_images"] == 2
+
+
+def test_tiny_images_are_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(tmp_path / "icon.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "m.csv").write_text(
+        "path,label,patient_id,site,split,mask_path\nicon.png,,a,,,\nok.png,,b,,,\n"
+    )
+    with caplog.at_level("WARNING"):
+        prepare(tmp_path / "m.csv", tmp_path / "c", size=16, workers=0, progress=False)
+    assert "1 image(s) smaller than 32 px" in caplog.text and "icon.png, 1x1" in caplog.text

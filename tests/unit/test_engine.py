@@ -352,7 +352,9 @@ def test_a_folder_holding_another_run_is_refused_unless_forced(tmp_path: Path) -
 
     run(1e-2)
     lines = (tmp_path / "metrics.jsonl").read_text().count("\n")
+    (tmp_path / "checkpoints" / ".last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # a kill mid-write
     run(1e-2, epochs=2)  # same experiment, longer: resumes (train.epochs may change)
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))  # the kill's leftovers are removed
     with pytest.raises(CheckpointError, match=r"another config \(optim\.lr: 0\.01 -> 0\.02\).*--force"):
         run(2e-2)
     with pytest.raises(CheckpointError, match=r"holds another run's metrics\.jsonl"):

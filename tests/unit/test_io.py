@@ -276,6 +276,11 @@ def _encapsulated(path: Path, syntax: str) -> Path:
     return path
 
 
+def test_rescale_slope_zero_is_an_error_not_ignored(tmp_path: Path) -> None:
+    with pytest.raises(XRayReadError, match=r"Rescale Slope/Intercept \(0\.0, 0\.0\)"):
+        read_xray(write_dicom(tmp_path / "z.dcm", stored_values(12), RescaleSlope=0))
+
+
 def test_bogus_transfer_syntax_uid_is_a_read_error(tmp_path: Path) -> None:
     path = write_dicom(tmp_path / "bogus.dcm", stored_values(12))
     ds = pydicom.dcmread(path)

@@ -180,8 +180,10 @@ def _modality(arr: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
     """
     if "ModalityLUTSequence" in ds:
         return apply_modality_lut(arr, ds)
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    # An empty element means "not given"; a written 0 is a broken header, not a slope of 1.
+    raw_slope, raw_intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    slope = 1.0 if raw_slope is None or raw_slope == "" else float(raw_slope)
+    intercept = 0.0 if raw_intercept is None or raw_intercept == "" else float(raw_intercept)
     if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0.0:
         raise XRayReadError(
             f"{path}: Rescale Slope/Intercept ({slope}, {intercept}) are not usable numbers; fix the header."

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 #: Largest cache side: 4096 x 4096 uint16 is 32 MiB a row, beyond any chest X-ray detector's resolution.
 MAX_SIZE = 4096
+_SMALL = 32  # images with a side below this are named in a warning: no radiograph is that small
 
 
 class PrepareInterrupted(SSCXRError):
@@ -434,6 +435,14 @@ def _finish(
             f"the run; rerun: {resume_command(header, out_dir)}"
         )
     index = _write_index(out_dir, header, manifest, records)
+    small = [i for i, r in records.items() if r["status"] == "ok" and min(r["shape"]) < _SMALL]
+    if small:
+        shape = records[small[0]]["shape"]
+        logger.warning(
+            "%s: %d image(s) smaller than %d px on a side (e.g. %s, %dx%d) were enlarged to %d px: check "
+            "that they are X-rays (thumbnails, icons or masks listed as images?)",
+            out_dir, len(small), _SMALL, manifest.rows[small[0]].path, shape[1], shape[0], header["size"],
+        )  # fmt: skip
     if index["n_ok"] == 0:
         logger.error("%s: no image could be decoded; see failures.csv", out_dir)
     elif failures:

@@ -319,3 +319,17 @@ def clear_run_folder(run_dir: Path) -> None:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if removed:
         log.warning("--force: removed %s from %s", ", ".join(removed), run_dir)
+
+
+def remove_stale_temp_files(run_dir: Path) -> int:
+    """Delete the temporary files a killed run left beside its checkpoints (`atomic_open`'s
+    `.NAME.XXXX.tmp`: a kill during a checkpoint write); returns how many. Only the main rank calls it,
+    before any checkpoint of this run is written."""
+    stale = sorted((run_dir / "checkpoints").glob(".*.tmp")) if (run_dir / "checkpoints").is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info(
+            "removed %d temporary file(s) left by an interrupted checkpoint write in %s", len(stale), run_dir
+        )
+    return len(stale)

@@ -30,6 +30,7 @@ from sscxr.engine.checkpoint import (
     find_resume_checkpoint,
     gather_rng_state,
     plain_config,
+    remove_stale_temp_files,
     resolve_resume,
     resume_training,
     save_checkpoint,
@@ -141,6 +142,7 @@ def fit(
         run_dir.mkdir(parents=True, exist_ok=True)
         if force:
             clear_run_folder(run_dir)
+        remove_stale_temp_files(run_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     loop = _Loop(task, train_set, val_set, train_cfg, optim_cfg, run_dir, dist, config, collate_fn)
     loop.restore(resume_from)
