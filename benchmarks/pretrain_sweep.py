@@ -22,6 +22,7 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+from probe_curve import _probe as probe_snapshot  # a sibling script in benchmarks/
 
 from sscxr.cli import main as sscxr
 
@@ -50,17 +51,8 @@ def _timing(run: Path) -> tuple[float, float]:
 
 
 def _probe(run: Path, args: argparse.Namespace) -> dict:
-    out = run / "probe"
-    if not (out / "probe.json").is_file():
-        code = sscxr([
-            "probe", "--encoder", f"GMML={run}", "--no-random", "--pixels", "0", "--no-knn",
-            "--cache", str(args.cache), "--task", args.task, "--test", f"test={args.cache}:test",
-            "--fractions", str(args.fraction), "--seeds", args.seeds, "--features", args.features,
-            "--n-boot", "1", "--out", str(out),
-        ])  # fmt: skip
-        if code:
-            raise SystemExit(f"sscxr probe failed on {run}")
-    return json.loads((out / "probe.json").read_text())
+    """The final encoder's probe: probe_curve's, on the same subsets (reused when already written)."""
+    return probe_snapshot(run, args, run / "probe")
 
 
 def main() -> None:

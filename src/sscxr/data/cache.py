@@ -41,6 +41,7 @@ from sscxr.data.cache_format import (
     FITS,
     FORMAT_VERSION,
     _read_progress,
+    array_files,
     fit_geometry,
     npy_problem,
     resize_mask,
@@ -144,8 +145,7 @@ class ImageCache:
     def _check_files(self) -> None:
         """Refuse array files that are missing, of another shape, or of the wrong length."""
         shape = (len(self), self.size, self.size)
-        files = [("images.npy", np.uint16)] + ([("masks.npy", np.uint8)] if self.has_masks else [])
-        for name, dtype in files:
+        for name, dtype in array_files(self.has_masks):
             problem = npy_problem(self.root / name, shape, dtype)
             if problem is not None:
                 raise DataError(f"{self.root / name} {problem}; {_repair(self.root)}")

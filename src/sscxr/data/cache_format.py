@@ -41,6 +41,11 @@ def is_eval_split(split: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- integrity
+def array_files(has_masks: bool) -> list[tuple[str, type]]:
+    """(file name, dtype) of the cache's array files: images.npy, and masks.npy when there are masks."""
+    return [("images.npy", np.uint16)] + ([("masks.npy", np.uint8)] if has_masks else [])
+
+
 def crc(array: np.ndarray) -> int:
     """CRC-32 of an array's bytes (a row of images.npy or masks.npy): what a row's record stores, so a
     row zeroed, truncated or overwritten after it was written is found (zlib's C CRC, ~1 GB/s)."""

@@ -33,6 +33,7 @@ from sscxr.data.cache_format import (
     FORMAT_VERSION,
     _read_progress,
     _write_index,
+    array_files,
     crc,
     npy_data_offset,
     npy_problem,
@@ -193,10 +194,6 @@ def _check_reusable(out_dir: Path, header: dict[str, Any], overwrite: bool) -> N
         (out_dir / name).unlink(missing_ok=True)
 
 
-def _array_specs(header: dict[str, Any]) -> list[tuple[str, type]]:
-    return [("images.npy", np.uint16)] + ([("masks.npy", np.uint8)] if header["has_masks"] else [])
-
-
 def _open_arrays(
     out_dir: Path, header: dict[str, Any], fresh: bool
 ) -> tuple[np.memmap, np.memmap | None, bool]:
@@ -213,7 +210,7 @@ def _open_arrays(
     n, s = header["n"], header["size"]
     arrays: list[np.memmap] = []
     recreated = False
-    for name, dtype in _array_specs(header):
+    for name, dtype in array_files(header["has_masks"]):
         path = out_dir / name
         problem = None if fresh else npy_problem(path, (n, s, s), dtype)
         if problem is not None:
