@@ -56,6 +56,15 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
+def yaml_error_text(e: yaml.YAMLError) -> str:
+    """One line for a YAML parse error: where (line, column) and what, without PyYAML's caret drawing."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        context = f" ({e.context})" if e.context else ""
+        return f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}{context}"
+    return " ".join(str(e).split())
+
+
 #: Folder of the built-in configs (`-c tiny` finds `configs/tiny.yaml`).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -206,7 +215,7 @@ def load_config(cls: type[T], paths: Sequence[str] = (), overrides: Sequence[str
         try:
             data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e}).") from e
+            raise ConfigError(f"{path}: not valid YAML ({yaml_error_text(e)}); fix the file.") from e
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8.") from None
         if not isinstance(data, dict):

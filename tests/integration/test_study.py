@@ -114,3 +114,35 @@ def test_study_errors_name_the_key(tmp_path: Path) -> None:
     path.write_text("starts: {SS-CXR: {init: sscxr, pretrain: nope}}\ndata: {cache: c}\n")
     with pytest.raises(Exception, match="not a pretrain run"):
         load_study(str(path))
+
+
+def test_study_refuses_overrides_of_per_draw_keys(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    base = "starts: {scratch: {init: scratch}}\ndata: {cache: c}\n"
+    path.write_text(base + "finetune: {overrides: [train.seed=0]}\n")
+    with pytest.raises(SSCXRError, match=r"train\.seed"):
+        load_study(str(path))
+    path.write_text(base + "finetune: {fraction_overrides: {'0.1': [classify.subset_seed=3]}}\n")
+    with pytest.raises(SSCXRError, match=r"classify\.subset_seed"):
+        load_study(str(path))
+
+
+def test_demo_study_trains_each_draw_with_its_own_seed(tmp_path: Path) -> None:
+    """`sscxr demo --seed` seeds the cohort and pre-training, never every draw's fine-tuning alike."""
+    import argparse
+
+    from sscxr.cli import build_parser
+    from sscxr.cli.demo import demo_study
+
+    args = build_parser().parse_args(["demo", "--seed", "7", "--out", str(tmp_path / "d")])
+    assert isinstance(args, argparse.Namespace)
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(demo_study(args)))
+    steps = [s for s in plan(load_study(str(path)), tmp_path / "d") if s.argv[0] == "finetune"]
+    for step in steps:
+        seeds = [a.split("=")[1] for a in step.argv if a.startswith("train.seed=")]
+        draw = next(a.split("=")[1] for a in step.argv if a.startswith("classify.subset_seed="))
+        assert seeds[-1] == draw, step.argv
+    assert {next(a for a in s.argv if a.startswith("train.seed=")) for s in steps} == {
+        f"train.seed={k}" for k in range(5)
+    }

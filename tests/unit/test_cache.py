@@ -24,7 +24,7 @@ from sscxr.data.manifest import manifest_hash
 from sscxr.errors import DataError
 
 SIZE = 32
-CACHE_FILES = ("images.npy", "masks.npy", "index.json", "failures.csv")
+CACHE_FILES = ("images.npy", "masks.npy", "hashes.npy", "index.json", "failures.csv")
 
 
 def _smooth(h: int, w: int, seed: int) -> np.ndarray:
@@ -338,3 +338,42 @@ def test_tiny_images_are_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCa
     with caplog.at_level("WARNING"):
         prepare(tmp_path / "m.csv", tmp_path / "c", size=16, workers=0, progress=False)
     assert "1 image(s) smaller than 32 px" in caplog.text and "icon.png, 1x1" in caplog.text
+
+
+# ---------------------------------------------------------------------------------- perceptual hashes
+def test_hashes_are_written_with_each_row(built: tuple[Path, Path]) -> None:
+    from sscxr.data.near_duplicates import HASH_WORDS, hash_row
+
+    cache = ImageCache.open(built[1])
+    assert cache.has_hashes and cache.hashes.shape == (6, HASH_WORDS)
+    assert cache.hashed.tolist() == [True] * 5 + [False]  # the corrupt file has none
+    for i in range(5):  # the hashes of the row as cached (the resumed and repaired runs above agree)
+        np.testing.assert_array_equal(
+            cache.hashes[i], hash_row(cache.images[i], cache.original_shape(i), "stretch")
+        )
+    assert not cache.hashes[5].any() and "hash_crc" not in cache.index["rows"][5]
+
+
+def test_damaged_hashes_are_refused_then_recomputed_without_decoding(
+    built: tuple[Path, Path], tmp_path: Path
+) -> None:
+    manifest, ref = built
+    out = _copy_cache(ref, tmp_path / "c")
+    hashes = np.load(out / "hashes.npy", mmap_mode="r+")
+    hashes[2, 7] ^= np.uint64(1)
+    hashes.flush()
+    del hashes
+    with pytest.raises(
+        DataError, match=r"no longer hold the pixels or hashes .*repair it with: sscxr prepare"
+    ):
+        ImageCache.open(out)
+    report = prepare(manifest, out, size=SIZE, workers=0, progress=False)
+    assert (report.n_done, report.n_rebuilt, report.n_hashed) == (0, 0, 1)  # rehashed, not decoded
+    with open(out / "hashes.npy", "r+b") as f:  # a truncated file: refused, then made anew
+        f.truncate(200)
+    with pytest.raises(DataError, match=r"hashes\.npy is .* bytes, expected .*repair it with"):
+        ImageCache.open(out)
+    report = prepare(manifest, out, size=SIZE, workers=0, progress=False)
+    assert (report.n_done, report.n_hashed) == (0, 5)
+    for name in CACHE_FILES:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name

@@ -262,3 +262,23 @@ def test_bad_configs_are_one_line(
     assert main(["pretrain", "-c", "tiny", *overrides, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_console_log_handler_follows_the_current_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sscxr study` runs commands in-process: a stream swapped and closed since must not break logging."""
+    import io
+    import logging
+    import sys
+
+    from sscxr.console import StderrHandler
+
+    handler = StderrHandler()
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    handler.handle(logging.makeLogRecord({"msg": "one", "levelno": logging.WARNING}))
+    assert first.getvalue() == "one\n"
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    handler.handle(logging.makeLogRecord({"msg": "two", "levelno": logging.WARNING}))
+    assert second.getvalue() == "two\n"

@@ -18,7 +18,7 @@ from sscxr.data.cache import prepare
 from sscxr.data.synth import SynthConfig, generate_cohort
 from sscxr.engine.checkpoint import load_checkpoint
 from sscxr.engine.trainer import fit
-from sscxr.errors import ConfigError
+from sscxr.errors import ConfigError, DataError
 from sscxr.evaluation.segmentation import (
     CaseRecord,
     SegEvaluation,
@@ -147,6 +147,12 @@ def test_config_errors(cache: Path) -> None:
         _cfg(cache, "seg.out_channels=3")
     with pytest.raises(ConfigError, match="img_size"):
         build_segmentation(_cfg(cache, "model.img_size=32"), seed=0)
+
+
+def test_a_split_without_masks_names_where_they_are_and_the_fix(cache: Path) -> None:
+    """A user whose masks sit in other splits is told which, and how to assign splits."""
+    with pytest.raises(DataError, match=r"masked images are \d+ in 'train'.*sscxr split MANIFEST"):
+        build_segmentation(_cfg(cache, "data.train_split=nosuch"), seed=0)
 
 
 def test_one_channel_variant_trains(cache: Path) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from sscxr import __version__
 from sscxr.cli import (
+    check_cmds,
     classify_cmds,
     data_cmds,
     demo,
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data_cmds.register(sub)
+    check_cmds.register(sub)
     train_cmds.register(sub)
     classify_cmds.register(sub)
     segment_cmds.register(sub)
@@ -43,15 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _console_logging(level: int) -> None:
+    """One root console handler (on the current stderr), whatever ran before in this process."""
+    from sscxr.console import StderrHandler
+
+    root = logging.getLogger()
+    if not any(isinstance(h, StderrHandler) for h in root.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sscxr` console script; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    _console_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except SSCXRError as e:

@@ -48,9 +48,10 @@ def _stage(title: str, steps: list[list[str]]) -> None:
     print(f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def _training(args: argparse.Namespace) -> list[str]:
-    """Overrides every training stage shares: the seed and the optional epochs / batch size / step floor."""
-    common = [f"train.seed={args.seed}"]
+def _training(args: argparse.Namespace, seed: bool = True) -> list[str]:
+    """Overrides the training stages share: the seed (not for fine-tuning, whose seed is each draw's) and
+    the optional epochs / batch size."""
+    common = [f"train.seed={args.seed}"] if seed else []
     if args.epochs is not None:
         common.append(f"train.epochs={args.epochs}")
     if args.batch_size is not None:
@@ -71,7 +72,9 @@ def demo_study(args: argparse.Namespace) -> dict[str, Any]:
     gmml["config"] = args.config
     gmml["overrides"] = [*gmml.get("overrides", []), *_training(args), *args.overrides]
     ft = study["finetune"]
-    extra = [*_training(args)] + ([f"train.min_steps={args.min_steps}"] if args.min_steps is not None else [])
+    extra = _training(args, seed=False)
+    if args.min_steps is not None:
+        extra.append(f"train.min_steps={args.min_steps}")
     ft["overrides"] = [*ft.get("overrides", []), *extra]
     study["tasks"] = [args.task]
     study["fractions"] = [args.labelled_fraction]

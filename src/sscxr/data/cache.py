@@ -5,6 +5,8 @@ Layout of a cache folder (see docs/design.md, "Cache layout"):
     index.json       format_version, manifest path + hash, size, fit, counts, stats, per-row facts
     images.npy       (N, S, S) uint16 (np.lib.format memmap); value / 65535 = [0, 1] intensity
     masks.npy        (N, S, S) uint8 0/1, only when some manifest row has a mask
+    hashes.npy       (N, 240) uint64 perceptual hashes of the rows (`near_duplicates`); caches prepared
+                     before them have none, and `prepare` on such a cache adds them without decoding
     progress.jsonl   a header line, then one line per finished row, written after its pixels were flushed
     failures.csv     path,reason of every row that could not be decoded
     manifest.csv     byte copy of the manifest the cache was built from
@@ -14,11 +16,12 @@ so whatever stops the run (Ctrl-C, kill, power cut), every logged row is complet
 redone by the next `prepare`. `index.json` appears (atomically) only when every row is logged, and
 `ImageCache.open` refuses a folder without it.
 
-Integrity: every row's record (progress.jsonl and index.json) holds the CRC-32 of its pixels and
-mask. `prepare` on an existing folder checks every finished row and decodes again the ones that no
-longer match (a truncated array file is first brought back to its length); `ImageCache.open` checks
-the files' lengths and a sample of rows, so a damaged cache is refused with the command that repairs
-it instead of being read as black images; `ImageCache.verify` (`sscxr prepare --verify`) checks all.
+Integrity: every row's record (progress.jsonl and index.json) holds the CRC-32 of its pixels, mask
+and hashes. `prepare` on an existing folder checks every finished row and decodes again the ones that
+no longer match (a truncated array file is first brought back to its length; damaged hashes are
+recomputed from the pixels); `ImageCache.open` checks the files' lengths and a sample of rows, so a
+damaged cache is refused with the command that repairs it instead of being read as black images;
+`ImageCache.verify` (`sscxr prepare --verify`) checks all.
 
 The writer (`prepare`, `PrepareReport`, `PrepareInterrupted`) lives in `prepare.py` and the format
 shared by writer and reader (`FITS`, `FORMAT_VERSION`, `fit_geometry`, `resize_to_cache`,
@@ -40,9 +43,12 @@ from sscxr.data.cache_format import (
     _MAX,
     FITS,
     FORMAT_VERSION,
+    HASH_FILE,
     _read_progress,
     array_files,
     fit_geometry,
+    has_hash,
+    hash_intact,
     npy_problem,
     resize_mask,
     resize_to_cache,
@@ -89,8 +95,10 @@ class ImageCache:
         rows = index["rows"]
         self.ok = np.array([r["ok"] for r in rows], dtype=bool)  # (N,) decoded fine
         self.mask_available = np.array([r["mask"] for r in rows], dtype=bool)  # (N,) row has a mask
+        self.hashed = np.array([has_hash(r) for r in rows], dtype=bool)  # (N,) row has perceptual hashes
         self._images: np.memmap | None = None
         self._masks: np.memmap | None = None
+        self._hashes: np.memmap | None = None
 
     @classmethod
     def open(cls, out_dir: str | os.PathLike[str]) -> ImageCache:
@@ -137,37 +145,46 @@ class ImageCache:
         damaged = cache.verify(sample=_SAMPLE)
         if damaged:
             raise DataError(
-                f"{root}: rows {damaged} no longer hold the pixels written there (checksum mismatch); "
-                f"{_repair(root)}"
+                f"{root}: rows {damaged} no longer hold the pixels or hashes written there (checksum "
+                f"mismatch); {_repair(root)}"
             )
         return cache
 
     def _check_files(self) -> None:
         """Refuse array files that are missing, of another shape, or of the wrong length."""
         shape = (len(self), self.size, self.size)
-        for name, dtype in array_files(self.has_masks):
-            problem = npy_problem(self.root / name, shape, dtype)
+        files = [(name, shape, dtype) for name, dtype in array_files(self.has_masks)]
+        if self.has_hashes:
+            files.append((HASH_FILE, (len(self), self.index["near_duplicates"]["hash_words"]), np.uint64))
+        for name, file_shape, dtype in files:
+            problem = npy_problem(self.root / name, file_shape, dtype)
             if problem is not None:
                 raise DataError(f"{self.root / name} {problem}; {_repair(self.root)}")
 
     def verify(self, sample: int | None = None) -> list[int]:
-        """Row indices whose pixels or mask no longer match the checksums written with them.
+        """Row indices whose pixels, mask or hashes no longer match the checksums written with them.
 
         Args:
             sample: check only this many rows, evenly spread (the cheap check of `open`); None = all.
 
-        Rows without a checksum (failed rows, caches written before checksums) are not checked.
+        Rows without a checksum (failed rows, caches written before checksums) are not checked. A row
+        whose hashes (hashes.npy) no longer match theirs counts too: `prepare` recomputes them.
         """
         rows = self.index["rows"]
         order = range(len(rows)) if sample is None else np.linspace(0, len(rows) - 1, min(sample, len(rows)))
         masks = self.masks if self.has_masks else None
-        return sorted(
-            {int(i) for i in order if row_intact(self.images, masks, int(i), rows[int(i)]) is False}
-        )
+        hashes = self.hashes if self.has_hashes else None
+
+        def damaged(i: int) -> bool:
+            if row_intact(self.images, masks, i, rows[i]) is False:
+                return True
+            return hashes is not None and "hash_crc" in rows[i] and not hash_intact(hashes, i, rows[i])
+
+        return sorted({int(i) for i in order if damaged(int(i))})
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_images"] = state["_masks"] = None  # reopened in the receiving process
+        state["_images"] = state["_masks"] = state["_hashes"] = None  # reopened in the receiving process
         return state
 
     def __len__(self) -> int:
@@ -199,6 +216,25 @@ class ImageCache:
     @property
     def has_masks(self) -> bool:
         return bool(self.index["has_masks"])
+
+    @property
+    def has_hashes(self) -> bool:
+        """Whether the cache stores perceptual hashes and its near-duplicate pairs (prepared by an sscxr
+        that computes them; `prepare` on an older cache adds them)."""
+        return "near_duplicates" in self.index
+
+    @property
+    def hashes(self) -> np.memmap:
+        """(N, HASH_WORDS) uint64 read-only memmap of `near_duplicates.hash_image` (zero rows: failed or
+        blank images, see `hashed`); DataError when the cache has none."""
+        if not self.has_hashes:
+            raise DataError(
+                f"{self.root}: this cache has no perceptual hashes (prepared before sscxr stored them); "
+                f"add them with: {resume_command(self.index, self.root)}"
+            )
+        if self._hashes is None:
+            self._hashes = np.load(self.root / HASH_FILE, mmap_mode="r")
+        return self._hashes
 
     @property
     def images(self) -> np.memmap:

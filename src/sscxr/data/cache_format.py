@@ -1,10 +1,10 @@
 """The image cache's on-disk format, shared by its writer (`prepare.py`) and its reader (`cache.py`).
 
 Holds the format version, the fit modes, the pixel scale and the cache's file names; the geometry and
-antialiased resizing of images into the S x S frame; the per-row checksums and the check of an array
-file's length; the reader of progress.jsonl, the resume command that error messages quote, and the
-writer of index.json (whose fields `ImageCache` reads). The folder layout itself is described in
-`cache.py`.
+antialiased resizing of images into the S x S frame; the per-row checksums (pixels, mask, perceptual
+hashes) and the check of an array file's length; the reader of progress.jsonl, the resume command
+that error messages quote, and the writer of index.json (whose fields `ImageCache` reads). The folder
+layout itself is described in `cache.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,12 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 FITS = ("stretch", "pad")
 _MAX = 65535.0
-_FILES = ("index.json", "images.npy", "masks.npy", "progress.jsonl", "failures.csv", "manifest.csv")
+#: (N, HASH_WORDS) uint64 perceptual hashes of the rows (`near_duplicates.hash_image`); derived from
+#: images.npy, so a damaged one is recomputed from the rows, never decoded again.
+HASH_FILE = "hashes.npy"
+_FILES = (
+    "index.json", "images.npy", "masks.npy", HASH_FILE, "progress.jsonl", "failures.csv", "manifest.csv"
+)  # fmt: skip
 # Training splits are the ones the intensity statistics come from: every split whose name does not
 # start with one of these (test, test_site, test_pediatric, holdout...) is a training split.
 EVAL_SPLIT_PREFIXES = ("test", "holdout")
@@ -183,8 +188,13 @@ def _stats(header: dict[str, Any], manifest: Manifest, records: dict[int, dict[s
 
 
 def _write_index(
-    out_dir: Path, header: dict[str, Any], manifest: Manifest, records: dict[int, dict[str, Any]]
+    out_dir: Path,
+    header: dict[str, Any],
+    manifest: Manifest,
+    records: dict[int, dict[str, Any]],
+    near_duplicates: dict[str, Any],
 ) -> dict[str, Any]:
+    """Write index.json; `near_duplicates` is `near_duplicates.search_info` of the rows' hashes."""
     ok = [records[i] for i in range(header["n"]) if records[i]["status"] == "ok"]
     index = {
         **{k: v for k, v in header.items() if k != "n"},
@@ -194,6 +204,8 @@ def _write_index(
         "n_failed": header["n"] - len(ok),
         "n_with_mask": sum(bool(r.get("mask")) for r in ok),
         "stats": _stats(header, manifest, records),
+        "n_hashed": sum("hash_crc" in r and not r.get("blank") for r in ok),
+        "near_duplicates": near_duplicates,
         "rows": [_row_summary(records[i]) for i in range(header["n"])],
     }
     atomic_write_json(out_dir / "index.json", index)
@@ -203,10 +215,22 @@ def _write_index(
 def _row_summary(rec: dict[str, Any]) -> dict[str, Any]:
     ok = rec["status"] == "ok"
     out = {"ok": ok, "shape": rec.get("shape"), "spacing": rec.get("spacing"), "mask": bool(rec.get("mask"))}
-    for key in ("crc", "mask_crc"):  # absent in caches written before checksums
+    for key in ("crc", "mask_crc", "hash_crc", "blank"):  # absent in caches written before them
         if key in rec:
             out[key] = rec[key]
     return out
+
+
+def has_hash(rec: dict[str, Any]) -> bool:
+    """Whether row record `rec` (progress.jsonl or index.json) has a usable perceptual hash."""
+    ok = rec["ok"] if "ok" in rec else rec.get("status") == "ok"  # index.json row / progress record
+    return bool(ok) and "hash_crc" in rec and not rec.get("blank")
+
+
+def hash_intact(hashes: np.ndarray, i: int, rec: dict[str, Any]) -> bool:
+    """Whether row `i` of hashes.npy holds the hashes its record's checksum describes (False when the
+    record has none: a row written before hashes existed)."""
+    return "hash_crc" in rec and crc(hashes[i]) == rec["hash_crc"]
 
 
 def row_intact(images: np.ndarray, masks: np.ndarray | None, i: int, rec: dict[str, Any]) -> bool | None:

@@ -18,6 +18,9 @@ Pipeline (PS3.3 C.11 grayscale pipeline, first frame only):
    same thing (PS3.3 C.8.11.6.1: INVERSE "shall be used if MONOCHROME1"), so inverting twice would
    give a negative.
 
+Images whose Rows x Columns exceed the pixel bound (:data:`sscxr.data.io.MAX_PIXELS`, or
+``max_pixels`` / ``SSCXR_MAX_PIXELS``) are refused from the header, before the pixel data is decoded.
+
 A constant image gives zeros. Colour DICOMs (RGB, YBR, PALETTE COLOR) are converted to luma with a
 warning. Patient identifiers are never read into the metadata, logs or error messages.
 """
@@ -32,12 +35,11 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from sscxr.data.io import XRay, XRayMeta, XRayReadError, _minmax
+from sscxr.data.io import XRay, XRayMeta, XRayReadError, _minmax, check_pixel_count, max_pixels_limit
 
 __all__ = ["read_dicom"]
 
@@ -75,6 +77,12 @@ def _redact(text: str, ds: Dataset | None) -> str:
     return text
 
 
+def _reason(exc: BaseException, ds: Dataset | None) -> str:
+    """A third-party exception as one short line, patient identifiers removed."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return _redact(text[:300], ds)
+
+
 def _open_dataset(path: Path) -> Dataset:
     """Read the data set, accepting files without preamble or file meta (ACR-NEMA style).
 
@@ -83,11 +91,19 @@ def _open_dataset(path: Path) -> Dataset:
     """
     try:
         ds = pydicom.dcmread(path, force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, OverflowError) as exc:
+        _fill_transfer_syntax(ds)
+    except MemoryError:
+        raise
+    except Exception as exc:  # InvalidDicomError, EOFError, BytesLengthException, struct.error, ...
         raise XRayReadError(
             f"{path}: is not a readable DICOM file ({type(exc).__name__}); the file may be truncated or "
             "not DICOM at all."
         ) from exc
+    return ds
+
+
+def _fill_transfer_syntax(ds: Dataset) -> None:
+    """Give a data set without file meta (or without its Transfer Syntax UID) the one it was read with."""
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
         # No file meta: use the encoding pydicom detected while parsing (ACR-NEMA files are implicit
@@ -99,7 +115,6 @@ def _open_dataset(path: Path) -> Dataset:
             syntax = ImplicitVRLittleEndian
         ds.file_meta = meta if meta is not None else FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = syntax
-    return ds
 
 
 def _check_pixels(ds: Dataset, path: Path) -> UID:
@@ -151,7 +166,7 @@ def _decode_first_frame(ds: Dataset, path: Path, syntax: UID) -> np.ndarray:
     Raises:
         XRayReadError: the decoder fails (corrupt or truncated pixel data, inconsistent header).
     """
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _optional_int(ds, "NumberOfFrames") or 1  # malformed: the decoder checks the data's length
     if frames > 1:
         logger.warning("%s: DICOM has %d frames; using the first.", path, frames)
     try:
@@ -164,7 +179,11 @@ def _decode_first_frame(ds: Dataset, path: Path, syntax: UID) -> np.ndarray:
             f"{path}: pixel data cannot be decoded ({syntax.name}): {reason}. The file may be truncated "
             "or its image header (rows, columns, bits) inconsistent; re-export it."
         ) from exc
-    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+    # Frames first: (F, H, W) or (F, H, W, 3). pydicom also returns frames beyond Number of Frames when
+    # the pixel data holds more (a warning), so the shape, not the header, says whether frames are there;
+    # the last axis of a grey (F, H, 3) must not be taken for colour.
+    samples = _optional_int(ds, "SamplesPerPixel") or 1
+    if arr.ndim == (3 if samples == 1 else 4):
         arr = arr[0]
     return arr
 
@@ -179,11 +198,22 @@ def _modality(arr: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
         Modality values ``(H, W)``: the LUT's integer output, or float32 when rescaled, or ``arr``.
     """
     if "ModalityLUTSequence" in ds:
-        return apply_modality_lut(arr, ds)
+        try:
+            return apply_modality_lut(arr, ds)
+        except Exception as exc:  # an item without LUT Descriptor / Data, a descriptor of the wrong length
+            raise XRayReadError(
+                f"{path}: Modality LUT Sequence (0028,3000) is malformed ({_reason(exc, ds)}); fix or remove "
+                'it (e.g. dcmodify -e "(0028,3000)").'
+            ) from exc
     # An empty element means "not given"; a written 0 is a broken header, not a slope of 1.
-    raw_slope, raw_intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    slope = 1.0 if raw_slope is None or raw_slope == "" else float(raw_slope)
-    intercept = 0.0 if raw_intercept is None or raw_intercept == "" else float(raw_intercept)
+    try:
+        raw_slope, raw_intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        slope = 1.0 if raw_slope is None or raw_slope == "" else float(raw_slope)
+        intercept = 0.0 if raw_intercept is None or raw_intercept == "" else float(raw_intercept)
+    except (TypeError, ValueError, OverflowError):  # "abc": pydicom converts DS values on access
+        raise XRayReadError(
+            f"{path}: Rescale Slope/Intercept (0028,1053)/(0028,1052) are not numbers; fix the header."
+        ) from None
     if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0.0:
         raise XRayReadError(
             f"{path}: Rescale Slope/Intercept ({slope}, {intercept}) are not usable numbers; fix the header."
@@ -214,35 +244,39 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
 
     Args:
         values: modality values ``(H, W)``.
-        center, width: Window Center / Width.
+        center, width: Window Center / Width (finite).
         function: VOI LUT Function: LINEAR, LINEAR_EXACT or SIGMOID.
 
     Returns:
         float32 ``(H, W)`` in [0, 1], or None for an unusable window (the caller falls back).
     """
-    x = values.astype(np.float32)
-    if function == "SIGMOID":
-        if width <= 0:
-            return None
-        x -= np.float32(center)
-        x *= np.float32(-4.0 / width)
-        np.exp(x, out=x)
-        x += np.float32(1.0)
-        np.reciprocal(x, out=x)
-        return x
     if function == "LINEAR":
         if width < 1:
             return None
         # The standard's LINEAR window is defined on integer steps: centre - 0.5, width - 1.
         center, width = center - 0.5, width - 1.0
         if width == 0:
-            return (x > np.float32(center)).astype(np.float32)
-    elif function != "LINEAR_EXACT" or width <= 0:
+            return (values > center).astype(np.float32)
+    elif function not in ("LINEAR_EXACT", "SIGMOID") or width <= 0:
         return None
-    x -= np.float32(center - width / 2.0)
-    x *= np.float32(1.0 / width)
-    np.clip(x, 0.0, 1.0, out=x)
-    return x
+    # float32 unless the window's numbers leave its range (a header's 1e39 or 1e-40 would give inf - inf
+    # or 0 * inf = NaN). Divisions, not multiplications by 1 / width: a finite value over a positive
+    # width is never NaN, at worst +-inf, which the clip / exp below turn into 0 or 1.
+    dtype = np.float32 if 1e-30 < width < 1e30 and abs(center) < 1e30 else np.float64
+    x = values.astype(dtype)
+    with np.errstate(over="ignore"):
+        if function == "SIGMOID":
+            x -= dtype(center)
+            x /= dtype(width)
+            x *= dtype(-4.0)
+            np.exp(x, out=x)
+            x += dtype(1.0)
+            np.reciprocal(x, out=x)
+        else:
+            x -= dtype(center - width / 2.0)
+            x /= dtype(width)
+            np.clip(x, 0.0, 1.0, out=x)
+    return x.astype(np.float32, copy=False)
 
 
 def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -270,7 +304,13 @@ def _voi(values: np.ndarray, ds: Dataset, path: Path) -> tuple[np.ndarray, bool]
         ``(image, window_applied)`` with image float32 ``(H, W)`` in [0, 1].
     """
     if ds.get("VOILUTSequence"):
-        return _apply_voi_lut_sequence(values, ds), True
+        try:
+            return _apply_voi_lut_sequence(values, ds), True
+        except Exception as exc:  # an item without LUT Descriptor / Data, a descriptor of the wrong length
+            raise XRayReadError(
+                f"{path}: VOI LUT Sequence (0028,3010) is malformed ({_reason(exc, ds)}); fix or remove it "
+                '(e.g. dcmodify -e "(0028,3010)").'
+            ) from exc
     if "WindowCenter" in ds and "WindowWidth" in ds:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
         try:
@@ -322,25 +362,51 @@ def _optional_int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def read_dicom(path: str | Path) -> XRay:
+def _check_size(ds: Dataset, path: Path, limit: int) -> None:
+    """Refuse, from Rows and Columns, an image larger than ``limit`` pixels before it is decoded."""
+    rows, columns = _optional_int(ds, "Rows"), _optional_int(ds, "Columns")
+    if rows is not None and columns is not None:  # absent or malformed: the decoder reports it
+        check_pixel_count(path, columns, rows, limit)
+
+
+def read_dicom(path: str | Path, max_pixels: int | None = None) -> XRay:
     """Read a DICOM radiograph (first frame) into float32 ``(H, W)`` in [0, 1], bones bright.
 
     Args:
         path: DICOM file, with or without preamble / file meta, any transfer syntax pydicom decodes.
+        max_pixels: refuse images of more than this many pixels (Rows x Columns) before decoding;
+            None: ``SSCXR_MAX_PIXELS`` from the environment, else :data:`sscxr.data.io.MAX_PIXELS`.
 
     Returns:
         :class:`~sscxr.data.io.XRay`; see the module docstring for the intensity policy.
 
     Raises:
-        XRayReadError: unreadable file, no pixel data, missing decoder, corrupt pixel data.
+        XRayReadError: unreadable file, no pixel data, missing decoder, corrupt pixel data, too many
+            pixels.
     """
     path = Path(path)
+    limit = max_pixels_limit(max_pixels)
     ds = _open_dataset(path)
+    try:
+        return _read_dataset(ds, path, limit)
+    except (XRayReadError, MemoryError):
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed headers: still this file's problem
+        raise XRayReadError(
+            f"{path}: DICOM header cannot be interpreted ({_reason(exc, ds)}); the file is damaged or "
+            "non-standard: re-export it."
+        ) from exc
+
+
+def _read_dataset(ds: Dataset, path: Path, limit: int) -> XRay:
+    """`read_dicom` once the data set is parsed (see there)."""
     syntax = _check_pixels(ds, path)
+    _check_size(ds, path, limit)
     arr = _decode_first_frame(ds, path, syntax)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper()
     inverted = window_applied = False
-    if photometric in ("MONOCHROME1", "MONOCHROME2") or arr.ndim == 2:
+    # Palette images decode to 2-D indices: they are grey only through their palette, not as values.
+    if photometric in ("MONOCHROME1", "MONOCHROME2") or (arr.ndim == 2 and photometric != "PALETTE COLOR"):
         values = _modality(arr, ds, path)
         image, window_applied = _voi(values, ds, path)
         shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()

@@ -17,26 +17,40 @@ Intensity policy for rasters (DICOM: see :mod:`sscxr.data.dicom`):
 - 32-bit integer images in [0, 65535] follow the 16-bit rule; other integer or float images are
   mapped by their own [min, max] (float images already inside [0, 1] are kept). A constant image
   becomes zeros (logged), never NaN.
+
+Size bound: an image of more than :data:`MAX_PIXELS` pixels (50 megapixels; the largest chest
+detector, 43 x 43 cm at 0.1 mm, is ~18.5) is refused from its header, before any pixel is decoded, so a
+corrupt or hostile header cannot make a loader worker allocate gigabytes. Raise it per call
+(``max_pixels=``) or for every process, data-loader workers included, with the environment variable
+``SSCXR_MAX_PIXELS``. Pillow's own decompression-bomb check gives the same error.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
+import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sscxr.errors import DataError
+from sscxr.errors import ConfigError, DataError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "MAX_PIXELS_ENV",
     "XRay",
     "XRayMeta",
     "XRayReadError",
+    "check_pixel_count",
     "is_image_file",
     "looks_like_dicom",
+    "max_pixels_limit",
     "read_mask",
     "read_xray",
 ]
@@ -47,6 +61,13 @@ RASTER_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".
 DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
 IMAGE_SUFFIXES: frozenset[str] = RASTER_SUFFIXES | DICOM_SUFFIXES
 
+#: Default bound on decoded pixels (H x W) per image; see the module docstring.
+MAX_PIXELS = 50_000_000
+#: Environment variable that replaces :data:`MAX_PIXELS` (a positive integer).
+MAX_PIXELS_ENV = "SSCXR_MAX_PIXELS"
+
+# Value spans that _minmax scales in float32; outside them (tiny or huge values) it uses float64.
+_SAFE_SPAN = (1e-30, 1e30)
 # Candidate bit depths for 16-bit rasters (see the module docstring).
 _BIT_DEPTHS = (8, 10, 12, 14, 16)
 # An RGB image counts as "clearly coloured" when more than this fraction of (sub-sampled) pixels
@@ -104,6 +125,59 @@ class XRay:
 
     image: np.ndarray
     meta: XRayMeta
+
+
+def max_pixels_limit(max_pixels: int | None = None) -> int:
+    """The bound on decoded pixels per image that a read uses.
+
+    Args:
+        max_pixels: an explicit bound (wins); None reads ``SSCXR_MAX_PIXELS``, else :data:`MAX_PIXELS`.
+
+    Returns:
+        A positive integer.
+
+    Raises:
+        ConfigError: the argument or the environment variable is not a positive integer.
+    """
+    if max_pixels is not None:
+        try:
+            value = operator.index(max_pixels)  # ints, numpy ints; not floats or strings
+        except TypeError:
+            value = 0
+        if isinstance(max_pixels, bool) or value < 1:
+            raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+        return value
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return MAX_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(
+            f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels, e.g. "
+            f"{MAX_PIXELS_ENV}=200000000; unset it to use the default."
+        )
+    return value
+
+
+def check_pixel_count(path: Path | str, width: int, height: int, limit: int) -> None:
+    """Raise XRayReadError when a ``width`` x ``height`` image exceeds ``limit`` pixels (from its header).
+
+    The message names the file, its size, the limit and how to raise it.
+    """
+    if width * height > limit:
+        raise XRayReadError(_too_large(path, f"{width} x {height} = {width * height:,} pixels", limit))
+
+
+def _too_large(path: Path | str, size: str, limit: int) -> str:
+    return (
+        f"{path}: image is {size}, more than the {limit:,} pixels sscxr decodes per image (a guard against "
+        f"corrupt headers and memory exhaustion); if it really is one radiograph, raise the limit with "
+        f"the environment variable {MAX_PIXELS_ENV}=<pixels> (or read_xray(..., max_pixels=...)), or "
+        "downscale the file."
+    )
 
 
 def _read_head(path: Path, n: int = 132) -> bytes:
@@ -182,7 +256,7 @@ def _check_file(path: Path) -> bytes:
     return head
 
 
-def read_xray(path: str | Path) -> XRay:
+def read_xray(path: str | Path, max_pixels: int | None = None) -> XRay:
     """Read one radiograph into float32 ``(H, W)`` in [0, 1], bones bright.
 
     The decoder is chosen from the file's content (then its suffix): DICOM (any transfer syntax
@@ -190,41 +264,74 @@ def read_xray(path: str | Path) -> XRay:
 
     Args:
         path: image file.
+        max_pixels: refuse images of more pixels (H x W, read from the header before decoding); None:
+            ``SSCXR_MAX_PIXELS`` from the environment, else :data:`MAX_PIXELS`.
 
     Returns:
         An :class:`XRay` (image ``(H, W)`` float32 in [0, 1], meta without patient identifiers).
 
     Raises:
         XRayReadError: missing, empty, truncated or non-image files, DICOMs without pixel data or
-            with a transfer syntax no installed decoder handles.
+            with a transfer syntax no installed decoder handles, images larger than the pixel bound.
+        ConfigError: ``max_pixels`` / ``SSCXR_MAX_PIXELS`` is not a positive integer.
     """
     path = Path(path)
+    limit = max_pixels_limit(max_pixels)
     head = _check_file(path)
     if not head.startswith(_RASTER_MAGIC) and (_head_is_dicom(head) or path.suffix.lower() in DICOM_SUFFIXES):
         # Imported here: pydicom costs ~0.2 s to import and PNG-only datasets never need it.
         from sscxr.data.dicom import read_dicom
 
-        return read_dicom(path)
-    return _read_raster(path)
+        return read_dicom(path, max_pixels=limit)
+    return _read_raster(path, limit)
 
 
-def _open_raster(path: Path) -> Image.Image:
+def _bomb_error(path: Path, exc: Exception, limit: int) -> XRayReadError:
+    """Pillow's DecompressionBombError as the project's too-many-pixels error."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    n = int(found.group(1)) if found else None
+    pil = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    if n is not None and n <= limit and pil is not None:  # only when our bound was raised above Pillow's
+        return XRayReadError(
+            f"{path}: image is {n:,} pixels, more than Pillow's decompression-bomb limit of {pil:,} (sscxr's "
+            f"bound is {limit:,}); raise PIL.Image.MAX_IMAGE_PIXELS as well, or downscale the file."
+        )
+    also = f" (Pillow refuses more than {pil:,}: raise PIL.Image.MAX_IMAGE_PIXELS too)" if pil else ""
+    return XRayReadError(_too_large(path, f"{n:,} pixels" if n else "too many pixels", limit) + also)
+
+
+def _open_raster(path: Path, limit: int) -> Image.Image:
     """Open and fully decode the first frame of a raster, upright per its EXIF orientation.
 
+    The size is checked against ``limit`` from the header (Pillow opens lazily) before decoding.
+
     Raises:
-        XRayReadError: not an image Pillow reads, or truncated/corrupt.
+        XRayReadError: not an image Pillow reads, truncated/corrupt, or more than ``limit`` pixels.
     """
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():
+            # Pillow warns above its own bound; ours (checked just below) decides, with a better message.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
     except UnidentifiedImageError as exc:
         raise XRayReadError(
             f"{path}: neither DICOM nor an image format Pillow can read; expected PNG, JPEG, TIFF, BMP "
             "or DICOM (remove the file or convert it)."
         ) from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(path, exc, limit) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # OSError, SyntaxError, ... and on damaged TIFFs TypeError, KeyError, ...
         raise XRayReadError(
-            f"{path}: cannot be opened as an image ({exc}); the file may be corrupt."
+            f"{path}: cannot be opened as an image ({_brief(exc)}); the file may be corrupt."
         ) from exc
+    try:
+        width, height = img.size
+        check_pixel_count(path, width, height, limit)
+    except XRayReadError:
+        img.close()
+        raise
     try:
         if getattr(img, "n_frames", 1) > 1:
             logger.warning("%s: has %d frames/pages; using the first.", path, img.n_frames)
@@ -232,12 +339,28 @@ def _open_raster(path: Path) -> Image.Image:
         # Viewers show JPEGs rotated by their EXIF tag; reading them the same way keeps hand-drawn
         # masks aligned. A no-op (no copy) without the tag.
         ImageOps.exif_transpose(img, in_place=True)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # a later TIFF page / GIF frame larger than the first
+        img.close()
+        raise _bomb_error(path, exc, limit) from None
+    except MemoryError:
+        img.close()
+        raise
+    except Exception as exc:  # Pillow's decoders raise many types on damaged data (OSError, TypeError, ...)
         img.close()
         raise XRayReadError(
-            f"{path}: image data is truncated or corrupt ({exc}); re-copy or re-export the file."
+            f"{path}: image data is truncated or corrupt ({_brief(exc)}); re-copy or re-export the file."
         ) from exc
     return img
+
+
+def _brief(exc: BaseException) -> str:
+    """A third-party exception on one line: its text, or its type when it has none."""
+    text = " ".join(str(exc).split())[:300]
+    return (
+        text
+        if isinstance(exc, OSError | SyntaxError | ValueError) and text
+        else f"{type(exc).__name__}: {text}"
+    )
 
 
 def _bits_used(max_value: int) -> int:
@@ -278,8 +401,13 @@ def _minmax(arr: np.ndarray, source: Path | str) -> np.ndarray:
     if hi <= lo:
         logger.warning("%s: image is constant (value %g); returning zeros.", source, lo)
         return np.zeros(out.shape, np.float32)
-    out -= np.float32(lo)
-    out *= np.float32(1.0 / (hi - lo))
+    span = hi - lo
+    if not _SAFE_SPAN[0] < span < _SAFE_SPAN[1]:
+        # 1 / span (or x - lo) would leave float32's range: 0 * inf = NaN, or everything 0 or 1
+        out = ((out.astype(np.float64) - lo) / span).astype(np.float32)
+    else:
+        out -= np.float32(lo)
+        out /= np.float32(span)  # a division, not * (1 / span): the maximum lands on 1.0 exactly
     np.clip(out, 0.0, 1.0, out=out)
     return out
 
@@ -366,9 +494,9 @@ def _raster_pixels(img: Image.Image, path: Path) -> tuple[np.ndarray, int | None
     return out, 8
 
 
-def _read_raster(path: Path) -> XRay:
+def _read_raster(path: Path, limit: int) -> XRay:
     """Read a PNG/JPEG/TIFF/BMP radiograph (see the module docstring for the intensity rules)."""
-    img = _open_raster(path)
+    img = _open_raster(path, limit)
     with img:
         fmt = (img.format or path.suffix.lstrip(".") or "raster").lower()
         mode = img.mode
@@ -398,7 +526,7 @@ def _mask_full_scale(arr: np.ndarray, mode: str) -> float:
     return 65535.0
 
 
-def read_mask(path: str | Path, threshold: float = 0.5) -> np.ndarray:
+def read_mask(path: str | Path, threshold: float = 0.5, max_pixels: int | None = None) -> np.ndarray:
     """Read a binary mask (PNG/JPEG/TIFF/BMP) as bool ``(H, W)``.
 
     A pixel is foreground when its value is above ``threshold`` times the full scale: 255 for 8-bit
@@ -409,23 +537,25 @@ def read_mask(path: str | Path, threshold: float = 0.5) -> np.ndarray:
     Args:
         path: mask file.
         threshold: fraction of full scale in [0, 1).
+        max_pixels: pixel bound, as for :func:`read_xray`.
 
     Returns:
         bool ``(H, W)``.
 
     Raises:
         ValueError: threshold outside [0, 1).
-        XRayReadError: missing, unreadable, truncated or DICOM files.
+        XRayReadError: missing, unreadable, truncated, too large or DICOM files.
     """
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"read_mask: threshold must be in [0, 1), got {threshold}")
+    limit = max_pixels_limit(max_pixels)
     path = Path(path)
     head = _check_file(path)
     if not head.startswith(_RASTER_MAGIC) and _head_is_dicom(head):
         raise XRayReadError(
             f"{path}: is DICOM; read_mask reads raster masks (PNG/JPEG/TIFF/BMP), export the mask as PNG."
         )
-    with _open_raster(path) as img:
+    with _open_raster(path, limit) as img:
         if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
             img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
         arr = np.asarray(img)

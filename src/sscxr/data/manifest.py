@@ -228,14 +228,19 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     """
     path = Path(path)
     reader = csv.DictReader(io.StringIO(read_text_any(path), newline=""))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    if "path" not in header:
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if "path" not in header:
+            raise DataError(
+                f"{path}: no 'path' column (header: {header or 'empty file'}); a manifest needs at least "
+                f"'path', usually {', '.join(CORE_COLUMNS)}. Write one with an importer (`sscxr import`)."
+            )
+        reader.fieldnames = header
+        rows = [_parse_row(path, reader.line_num, record) for record in reader]
+    except csv.Error as e:  # e.g. a cell over csv's field size limit (an unclosed quote swallowing the file)
         raise DataError(
-            f"{path}: no 'path' column (header: {header or 'empty file'}); a manifest needs at least "
-            f"'path', usually {', '.join(CORE_COLUMNS)}. Write one with an importer (`sscxr import`)."
-        )
-    reader.fieldnames = header
-    rows = [_parse_row(path, reader.line_num, record) for record in reader]
+            f'{path}, line {reader.line_num}: not a readable CSV ({e}); check for an unclosed quote (").'
+        ) from None
     _check_duplicates(path, rows)
     return Manifest(_fill_patients(path, _canonical(path, rows)), path.parent)
 
@@ -327,11 +332,18 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike[str]) -> Path:
     folder = path.parent
     extras = manifest.extra_columns()
     buf = io.StringIO(newline="")
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*CORE_COLUMNS, *extras])
+    plain = csv.writer(buf, lineterminator="\n")
+    # csv quotes cells holding the line terminator ("\n") but not a lone "\r", which readers take for a
+    # line end: rows with one are written fully quoted so that they read back unchanged.
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+
+    def writerow(cells: list[str]) -> None:
+        (quoted if any("\r" in c for c in cells) else plain).writerow(cells)
+
+    writerow([*CORE_COLUMNS, *extras])
     for row in manifest.rows:
         mask = manifest.resolve_mask(row)
-        writer.writerow(
+        writerow(
             [
                 _relative_if_inside(manifest.resolve(row), folder),
                 row.label,

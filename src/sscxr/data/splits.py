@@ -157,9 +157,13 @@ def hold_out_sites(manifest: Manifest, sites: Collection[str], split: str = HELD
     known = {r.site for r in manifest.rows}
     unknown = sorted(set(sites) - known)
     if unknown:
-        raise DataError(
-            f"manifest in {manifest.root}: site(s) {unknown} not found; its sites are {sorted(known)}."
+        named = sorted(s for s in known if s)
+        fix = (
+            f"its sites are {named}; name one of those with --hold-out-site (names are case-sensitive)"
+            if named
+            else "its rows name no site; give them one when importing (--site, or --site-col for a CSV)"
         )
+        raise DataError(f"manifest in {manifest.root}: site(s) {unknown} not found; {fix}.")
     held = set(sites)
     return manifest.with_rows(replace(r, split=split) if r.site in held else r for r in manifest.rows)
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from sscxr.console import StderrHandler
+
 log = logging.getLogger(__name__)
 
 _HANDLER_NAME = "sscxr-console"
@@ -50,7 +52,7 @@ def setup_logging(
             handler.close()
     prefix = "" if rank == 0 else f"[rank {rank}] "
     fmt = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    console = logging.StreamHandler()
+    console = StderrHandler()
     console.set_name(_HANDLER_NAME)
     console.setFormatter(fmt)
     console.setLevel(level if rank == 0 else logging.WARNING)

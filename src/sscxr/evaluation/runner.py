@@ -20,6 +20,7 @@ import numpy as np
 
 from sscxr import __version__
 from sscxr.data.cache import ImageCache
+from sscxr.data.near_duplicates import require_no_near_duplicates, unchecked_message
 from sscxr.data.splits import require_no_leak
 from sscxr.errors import DataError
 from sscxr.evaluation.classification import (
@@ -91,7 +92,9 @@ class EvalOptions:
     device: str | None = None
     precision: str = "auto"
     progress: bool = True
-    allow_leakage: bool = False  # a patient in two splits of a test cache: warn (flag) instead of refusing
+    # A patient in two splits of a test cache, or near-duplicate images of different patients in two of
+    # its splits: warn (flag) instead of refusing.
+    allow_leakage: bool = False
 
 
 def slug(name: str) -> str:
@@ -269,6 +272,7 @@ def evaluate_models(
     opened = {t.name: open_split(t.split) for t in tests}
     leaks = {
         name: require_no_leak(cache.manifest, options.allow_leakage, "pass --allow-leakage")
+        + require_no_near_duplicates(cache, options.allow_leakage, "pass --allow-leakage")
         for name, (cache, _) in opened.items()
     }
     val_data = None
@@ -285,6 +289,9 @@ def evaluate_models(
     ]
     for r in results:  # allowed leaks are reported with every result they may inflate
         r["flags"] += [{"code": "leakage", "message": text} for text in leaks[r["test_set"]]]
+        cache = opened[r["test_set"]][0]
+        if not cache.has_hashes:  # an older cache: its near-duplicates went unchecked
+            r["flags"].append({"code": "near-duplicates-unchecked", "message": unchecked_message(cache)})
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sscxr.config import did_you_mean, load_yaml, resolve_builtin
+from sscxr.config import did_you_mean, load_yaml, resolve_builtin, yaml_error_text
 from sscxr.errors import ConfigError
 
 __all__ = [
@@ -235,6 +235,25 @@ def _from_dict(cls: type[T], data: Any, where: str) -> T:
     return cls(**kwargs)
 
 
+# Keys the study sets per run; an override of them would silently make every draw the same run.
+STUDY_KEYS = ("train.seed", "classify.subset_seed", "classify.labelled_fraction", "classify.task",
+              "classify.init", "classify.init_path", "classify.mode", "data.cache")  # fmt: skip
+
+
+def _check_overrides(spec: StudySpec, origin: str) -> None:
+    """Refuse fine-tuning overrides of the keys the study sets itself for each draw and row."""
+    lists = {"finetune.overrides": spec.finetune.overrides}
+    lists.update({f"finetune.fraction_overrides.{k}": v for k, v in spec.finetune.fraction_overrides.items()})
+    for where, overrides in lists.items():
+        for item in overrides:
+            key = item.split("=", 1)[0].strip()
+            if key in STUDY_KEYS:
+                raise ConfigError(
+                    f"{origin}: {where} sets {key!r}, which the study sets for each run (draws come from "
+                    "'seeds', rows from 'starts' and 'finetune.modes'); remove it"
+                )
+
+
 def _check(spec: StudySpec, origin: str) -> None:
     """Cross-field checks: every reference names something the study defines."""
     if not spec.starts:
@@ -259,6 +278,7 @@ def _check(spec: StudySpec, origin: str) -> None:
             float(key)
         except ValueError:
             raise ConfigError(f"{origin}: {key!r} is not a label fraction (e.g. 1.0)") from None
+    _check_overrides(spec, origin)
     bad = [m for m in spec.finetune.modes if m not in MODES]
     if bad:
         raise ConfigError(f"{origin}: finetune.modes {bad} not in {MODES}")
@@ -280,7 +300,7 @@ def load_study(name: str, overrides: dict[str, Any] | None = None) -> StudySpec:
     try:
         data = load_yaml(path.read_text()) or {}
     except Exception as e:  # yaml errors carry the line
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        raise ConfigError(f"{path}: not valid YAML ({yaml_error_text(e)}); fix the file") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping (name, data, starts, ...)")
     data.update(overrides or {})

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from sscxr.data.cache import ImageCache
+from sscxr.data.near_duplicates import require_no_near_duplicates
 from sscxr.data.splits import require_no_leak
 from sscxr.errors import CheckpointError, ConfigError
 from sscxr.models.loading import LoadReport, load_encoder_weights
@@ -25,8 +26,11 @@ def open_cache(cache_dir: str | os.PathLike[str], img_size: int, allow_leakage: 
 
     The model's position embeddings are sized for `model.img_size`; a cache prepared at another size
     would fail deep inside the first forward pass, so the mismatch is reported here with both fixes.
-    A patient in two splits, or a held-out site with training rows, is refused (`require_no_leak`)
-    unless `allow_leakage` (`data.allow_leakage=true`), which only warns.
+    A patient in two splits, or a held-out site with training rows, is refused (`require_no_leak`),
+    and so are near-duplicate images of different patients in different splits (the pairs `prepare`
+    stored: `require_no_near_duplicates`, a few ms), unless `allow_leakage` (`data.allow_leakage=true`),
+    which only warns. A cache prepared before hashes existed is not checked for near-duplicates: a
+    warning names the command that adds them.
 
     Raises:
         DataError: no (finished) cache at `cache_dir` (from `ImageCache.open`), or a leak.
@@ -34,6 +38,7 @@ def open_cache(cache_dir: str | os.PathLike[str], img_size: int, allow_leakage: 
     """
     cache = ImageCache.open(cache_dir)
     require_no_leak(cache.manifest, allow_leakage, "set data.allow_leakage=true")
+    require_no_near_duplicates(cache, allow_leakage, "set data.allow_leakage=true")
     if cache.size != img_size:
         raise ConfigError(
             f"the cache {cache_dir} holds {cache.size} px images but model.img_size is "

@@ -166,7 +166,12 @@ def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDat
     train_splits = [s for s in cfg.gmml.splits if s != cfg.data.val_split]
     train_idx = np.concatenate([cache.indices(split=s) for s in train_splits])
     if len(train_idx) == 0:
-        raise DataError(f"no usable images in splits {train_splits} of the cache {cfg.data.cache}.")
+        present = sorted({r.split or "(none)" for r in cache.rows})
+        raise DataError(
+            f"{cfg.data.cache}: no usable images in splits {train_splits} (the cache's splits: "
+            f"{', '.join(present)}); pre-train on the splits it has (gmml.splits=[...]) or assign splits "
+            "with sscxr split MANIFEST --split 0.7,0.15,0.15 --out NEW.csv and prepare a cache from it"
+        )
     val_idx = cache.indices(split=cfg.data.val_split) if cfg.data.val_split in cfg.gmml.splits else []
 
     def dataset(indices: np.ndarray, augment: bool) -> GMMLDataset:

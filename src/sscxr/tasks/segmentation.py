@@ -11,6 +11,7 @@ is the best validation checkpoint (`train.best_metric`, default `val/dice`) when
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -251,13 +252,29 @@ def _mask_indices(cache: ImageCache, split: str) -> np.ndarray:
     return keep
 
 
+def _no_masks_message(cache: ImageCache, split: str) -> str:
+    """Why the training split has no masked image, and what to do about it."""
+    ok = cache.indices()
+    with_mask = ok[cache.mask_available[ok]] if cache.has_masks else ok[:0]
+    where = Counter(cache.rows[i].split or "(none)" for i in with_mask)
+    head = f"{cache.root}: no images with masks in split {split!r}"
+    if not with_mask.size:
+        return f"{head}; the cache has no masks: add them (sscxr import masks / pairs) and prepare again"
+    found = ", ".join(f"{n} in {name!r}" for name, n in where.most_common())
+    return (
+        f"{head}; the masked images are {found}. Assign splits (sscxr split MANIFEST --split 0.7,0.15,0.15 "
+        "--out NEW.csv) and prepare a cache from NEW.csv, or train on the split that has them "
+        "(data.train_split=NAME)"
+    )
+
+
 def _datasets(
     cfg: SegmentConfig, cache: ImageCache, norm: Normalization, seed: int
 ) -> tuple[CachedDataset, CachedDataset | None, Batch | None]:
     """(train set (augmented, paired geometry), val set or None, fixed overlay batch or None)."""
     train_idx, val_idx = _mask_indices(cache, cfg.data.train_split), _mask_indices(cache, cfg.data.val_split)
     if train_idx.size == 0:
-        raise DataError(f"{cache.root}: no images with masks in split {cfg.data.train_split!r}.")
+        raise DataError(_no_masks_message(cache, cfg.data.train_split))
     kw: dict[str, Any] = {"seed": seed, "with_mask": True, "normalize": (norm.mean, norm.std)}
     train_set = CachedDataset(cache, train_idx, augment=cfg.data.augment, **kw)
     val_set = CachedDataset(cache, val_idx, **kw) if val_idx.size else None
