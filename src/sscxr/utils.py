@@ -69,3 +69,17 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A path as written into reports and result files a user may share: relative to the working
+    folder when it lies inside it (how a user gives paths to `sscxr`), else as it is.
+
+    Keeps the user's machine layout (home folder, user name) out of shared outputs; resume keys and
+    files the project reads back keep their resolved paths.
+    """
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

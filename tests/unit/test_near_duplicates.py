@@ -302,6 +302,17 @@ def test_evaluate_refuses_the_planted_copy_or_flags_it(caches: dict[str, Path], 
     assert "leakage" not in codes and "near-duplicates-unchecked" not in codes
 
 
+def test_evaluation_results_name_the_cache_as_the_user_gave_it(
+    caches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No path of the user's machine above the working folder goes into shared result files."""
+    monkeypatch.chdir(caches["clean"].parent)
+    doc = _evaluate(Path(caches["clean"].name), tmp_path / "rel", allow=False)  # metrics.json's content
+    text = json.dumps(doc)
+    assert str(caches["clean"].parent) not in text, "an absolute path leaked into the results"
+    assert f'"cache": "{caches["clean"].name}"' in text
+
+
 # ---------------------------------------------------------------------------- caches from before
 def _strip_hashes(cache: Path) -> None:
     """Make `cache` look like one prepared before hashes existed: no hashes.npy, no hash fields."""

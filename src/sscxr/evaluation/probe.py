@@ -52,7 +52,7 @@ from sscxr.models.loading import Normalization, read_export_meta
 from sscxr.models.vit import VIT_PRESETS, ViTConfig, build_vit, vit_config_from_dict
 from sscxr.tasks.common import load_encoder_start, resolve_init_path
 from sscxr.tasks.labels import LabelTask, select_rows
-from sscxr.utils import atomic_write_json, atomic_write_text
+from sscxr.utils import atomic_write_json, atomic_write_text, display_path
 
 __all__ = [
     "C_GRID",
@@ -735,7 +735,7 @@ def _document(
     d, o = run.data, run.options
     return {
         "format": FORMAT, "version": FORMAT_VERSION, "task": d.task.name,
-        "class_names": list(d.task.class_names), "features": o.features, "cache": str(d.cache.root),
+        "class_names": list(d.task.class_names), "features": o.features, "cache": display_path(d.cache.root),
         "manifest_hash": d.cache.manifest_hash, **grid,
         "options": run.base_key["options"],
         "validation": {"n_images": int(d.val.y.size), "n_patients": len(set(d.val.patients.tolist())),

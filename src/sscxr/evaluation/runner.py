@@ -40,6 +40,7 @@ from sscxr.evaluation.predict import (
     write_predictions,
 )
 from sscxr.metrics import predict as predict_classes
+from sscxr.utils import display_path
 
 __all__ = [
     "FORMAT",
@@ -119,10 +120,10 @@ def _split_info(spec: SplitSpec, cache: ImageCache, idx: np.ndarray) -> dict[str
         entry["images"] += 1
         entry["patients"].add(r.patient_id or r.path)
     return {
-        "cache": str(cache.root),
+        "cache": display_path(cache.root),
         "splits": list(spec.splits),
         "manifest_hash": cache.index.get("manifest_hash"),
-        "manifest_path": cache.index.get("manifest_path"),
+        "manifest_path": display_path(manifest) if (manifest := cache.index.get("manifest_path")) else None,
         "n_images": int(idx.size),
         "n_patients": len({r.patient_id or r.path for r in rows}),
         "labels": {

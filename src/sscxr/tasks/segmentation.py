@@ -32,6 +32,7 @@ from sscxr.models.unetr import UNETR, SegmenterSpec, build_unetr, export_segment
 from sscxr.models.vit import ViTConfig
 from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
 from sscxr.tasks.common import INIT_MODES, load_encoder_start, open_cache
+from sscxr.utils import display_path
 from sscxr.viz.overlay import OverlayCase, overlay_figure
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,7 @@ def build_segmentation(
     train_set, val_set, vis = _datasets(cfg, cache, spec.normalization, seed)
     extra = {
         "init": init,
-        "cache": str(Path(cfg.data.cache).resolve()),
+        "cache": display_path(cfg.data.cache),
         "manifest_hash": cache.index.get("manifest_hash"),
         "train_split": cfg.data.train_split,
         "n_train": len(train_set),
