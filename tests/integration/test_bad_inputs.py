@@ -16,12 +16,10 @@ tests/unit/test_properties.py; here they go through `prepare` / `segment predict
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 import shutil
 import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from PIL import Image
 from pydicom import uid
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 
+from crafted import crafted_png
 from sscxr.cli import main
 from sscxr.data.cache import ImageCache
 
@@ -111,17 +110,6 @@ def dicom(
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = syntax
     FileDataset(str(path), ds, file_meta=meta, preamble=b"\0" * 128).save_as(path, enforce_file_format=True)
-    return path
-
-
-def crafted_png(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header (CRC fixed) claims ``width`` x ``height``."""
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    path.write_bytes(bytes(data))
     return path
 
 

@@ -23,9 +23,7 @@ import csv
 import io
 import logging
 import os
-import struct
 import tempfile
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +38,7 @@ from PIL import Image
 from pydicom import uid
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 
+from crafted import crafted_png
 from sscxr.data.io import MAX_PIXELS, XRay, XRayReadError, read_mask, read_xray
 from sscxr.data.manifest import CORE_COLUMNS, Manifest, read_manifest, write_manifest
 from sscxr.errors import ConfigError, DataError
@@ -312,17 +311,6 @@ def test_damaged_files_are_read_errors_or_valid_images(kind: str, changes: list,
 
 
 # ---------------------------------------------------------------------------------------- pixel bound
-def crafted_png(path: Path, width: int, height: int) -> Path:
-    """A few hundred bytes: an 8 x 8 PNG whose header (CRC fixed) claims ``width`` x ``height``."""
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    path.write_bytes(bytes(data))
-    return path
-
-
 def _assert_bound(read: Callable[[], object], path: Path, pixels: int, limit: int) -> None:
     """``read`` refuses the file as too large exactly when ``pixels`` exceeds ``limit``."""
     try:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sscxr.data.cache_format import _MAX, fit_geometry, is_eval_split, resume_command
+from sscxr.data.splits import require_no_leak
 from sscxr.errors import DataError
 
 if TYPE_CHECKING:
@@ -62,7 +63,9 @@ __all__ = [
     "hash_image",
     "hash_row",
     "near_pairs",
+    "pairs_among",
     "pairs_of",
+    "require_no_leakage",
     "require_no_near_duplicates",
     "search_info",
     "unchecked_message",
@@ -254,6 +257,15 @@ def near_pairs(
     return out[np.lexsort((out[:, 1], out[:, 0]))]
 
 
+def pairs_among(hashes: np.ndarray, rows: np.ndarray, threshold: int = THRESHOLD) -> np.ndarray:
+    """`near_pairs` of the rows `rows` of `(N, HASH_WORDS)` hashes (the hashed ones), as `(P, 3)`
+    `(i, j, distance)` with i, j row numbers of the cache."""
+    if len(rows) < 2:
+        return np.zeros((0, 3), dtype=np.int64)
+    found = near_pairs(hashes[rows], threshold)
+    return np.column_stack([rows[found[:, 0]], rows[found[:, 1]], found[:, 2]]).astype(np.int64)
+
+
 def search_info(pairs: np.ndarray) -> dict[str, Any]:
     """What `prepare` stores in index.json ("near_duplicates"): the method, thresholds and pairs."""
     return {
@@ -275,6 +287,11 @@ class Pair:
     distance: int
     leak: bool  # different patients in different splits, at least one of them a training split
     same_patient: bool
+
+    @property
+    def refused(self) -> bool:
+        """A leak close enough to be a copy: training and evaluation refuse it (farther ones: a warning)."""
+        return self.leak and self.distance <= REFUSE_THRESHOLD
 
     def describe(self, rows: Sequence[ManifestRow]) -> str:
         """`a.png (patient p1, train) ~ b.png (patient p7, test), 3 bits`; `rows`: the cache's rows."""
@@ -351,8 +368,7 @@ def cache_pairs(cache: ImageCache, threshold: int = THRESHOLD, compute: bool = F
         )
     hashes = np.asarray(cache.hashes) if stored is not None else _hash_in_memory(cache)
     rows = np.flatnonzero(cache.hashed if stored is not None else hashes.any(axis=1))
-    found = near_pairs(hashes[rows], threshold)
-    return np.column_stack([rows[found[:, 0]], rows[found[:, 1]], found[:, 2]]).astype(np.int64)
+    return pairs_among(hashes, rows, threshold)
 
 
 def unchecked_message(cache: ImageCache) -> str:
@@ -362,6 +378,13 @@ def unchecked_message(cache: ImageCache) -> str:
         f"{cache.root}: near-duplicate check skipped: the cache has no perceptual hashes (prepared before "
         f"sscxr stored them). Add them (nothing is decoded again) with: {command}"
     )
+
+
+def require_no_leakage(cache: ImageCache, allow: bool, option: str) -> list[str]:
+    """Every leakage check a command runs before it trains or evaluates on `cache`: patients in two
+    splits (`require_no_leak`), then near-duplicate images (`require_no_near_duplicates`); the
+    descriptions of the allowed leaks, [] when there is none."""
+    return require_no_leak(cache.manifest, allow, option) + require_no_near_duplicates(cache, allow, option)
 
 
 def require_no_near_duplicates(cache: ImageCache, allow: bool, option: str) -> list[str]:
@@ -386,9 +409,9 @@ def require_no_near_duplicates(cache: ImageCache, allow: bool, option: str) -> l
     if pairs is None:
         logger.warning("%s", unchecked_message(cache))
         return []
-    all_leaks = [p for p in pairs_of(cache.rows, pairs) if p.leak]
-    leaks = [p for p in all_leaks if p.distance <= REFUSE_THRESHOLD]
-    possible = [p for p in all_leaks if p.distance > REFUSE_THRESHOLD]
+    found = pairs_of(cache.rows, pairs)
+    leaks = [p for p in found if p.refused]
+    possible = [p for p in found if p.leak and not p.refused]
     if possible:
         logger.warning(
             "%s: %d image pair(s) of different patients in different splits look alike (%d-%d of 576 "

@@ -46,7 +46,14 @@ from sscxr.data.cache_format import (
     row_intact,
 )
 from sscxr.data.manifest import Manifest, manifest_hash, read_manifest
-from sscxr.data.near_duplicates import HASH_WORDS, hash_row, near_pairs, pairs_of, search_info
+from sscxr.data.near_duplicates import (
+    HASH_WORDS,
+    REFUSE_THRESHOLD,
+    hash_row,
+    pairs_among,
+    pairs_of,
+    search_info,
+)
 from sscxr.errors import DataError, SSCXRError
 from sscxr.utils import atomic_write_bytes, atomic_write_text
 
@@ -543,8 +550,9 @@ def _finish(
     if leaks:
         logger.warning(
             "%s: %d near-duplicate image pair(s) of different patients in different splits (e.g. %s); "
-            "training and evaluation refuse them: list them with `sscxr check %s`",
-            out_dir, len(leaks), leaks[0].describe(manifest.rows), out_dir,
+            "training and evaluation refuse the %d within %d bits: list them with `sscxr check %s`",
+            out_dir, len(leaks), leaks[0].describe(manifest.rows), sum(p.refused for p in leaks),
+            REFUSE_THRESHOLD, out_dir,
         )  # fmt: skip
     small = [i for i, r in records.items() if r["status"] == "ok" and min(r["shape"]) < _SMALL]
     if small:
@@ -577,12 +585,10 @@ def _finish(
 def _near_pairs(out_dir: Path, header: dict[str, Any], records: dict[int, dict[str, Any]]) -> np.ndarray:
     """`(P, 3)` `(i, j, distance)` near-duplicate pairs among the hashed rows (~5 s for 5,216 X-rays)."""
     rows = np.array([i for i in range(header["n"]) if has_hash(records[i])], dtype=np.int64)
-    if len(rows) < 2:
-        return np.zeros((0, 3), dtype=np.int64)
     start = time.perf_counter()
-    found = near_pairs(np.load(out_dir / HASH_FILE, mmap_mode="r")[rows])
+    found = pairs_among(np.load(out_dir / HASH_FILE, mmap_mode="r"), rows)
     logger.info(
         "%s: near-duplicate search among %d hashed rows: %d pairs (%.1f s)",
         out_dir, len(rows), len(found), time.perf_counter() - start,
     )  # fmt: skip
-    return np.column_stack([rows[found[:, 0]], rows[found[:, 1]], found[:, 2]]).astype(np.int64)
+    return found

@@ -20,8 +20,7 @@ import numpy as np
 
 from sscxr import __version__
 from sscxr.data.cache import ImageCache
-from sscxr.data.near_duplicates import require_no_near_duplicates, unchecked_message
-from sscxr.data.splits import require_no_leak
+from sscxr.data.near_duplicates import require_no_leakage, unchecked_message
 from sscxr.errors import DataError
 from sscxr.evaluation.classification import (
     ThresholdChoice,
@@ -272,8 +271,7 @@ def evaluate_models(
         raise DataError("model names and test-set names must be unique (NAME=... in --model / --test)")
     opened = {t.name: open_split(t.split) for t in tests}
     leaks = {
-        name: require_no_leak(cache.manifest, options.allow_leakage, "pass --allow-leakage")
-        + require_no_near_duplicates(cache, options.allow_leakage, "pass --allow-leakage")
+        name: require_no_leakage(cache, options.allow_leakage, "pass --allow-leakage")
         for name, (cache, _) in opened.items()
     }
     val_data = None

@@ -10,8 +10,7 @@ from typing import Any
 from torch import nn
 
 from sscxr.data.cache import ImageCache
-from sscxr.data.near_duplicates import require_no_near_duplicates
-from sscxr.data.splits import require_no_leak
+from sscxr.data.near_duplicates import require_no_leakage
 from sscxr.errors import CheckpointError, ConfigError
 from sscxr.models.loading import LoadReport, load_encoder_weights
 
@@ -37,8 +36,7 @@ def open_cache(cache_dir: str | os.PathLike[str], img_size: int, allow_leakage: 
         ConfigError: the cache holds images of another size than `img_size`.
     """
     cache = ImageCache.open(cache_dir)
-    require_no_leak(cache.manifest, allow_leakage, "set data.allow_leakage=true")
-    require_no_near_duplicates(cache, allow_leakage, "set data.allow_leakage=true")
+    require_no_leakage(cache, allow_leakage, "set data.allow_leakage=true")
     if cache.size != img_size:
         raise ConfigError(
             f"the cache {cache_dir} holds {cache.size} px images but model.img_size is "
