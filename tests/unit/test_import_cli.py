@@ -305,3 +305,36 @@ def test_covidx_label_files_site_and_strict(tmp_path: Path, capsys: pytest.Captu
     ]
     err = error_of(capsys, [*argv, "--strict"])
     assert "gone.png" in err and "drop --strict" in err and "Skipped" not in err
+
+
+def test_relative_paths_stay_relative_through_import_split_and_prepare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user who names everything relatively gets files with no trace of the machine's layout, and
+    the data, manifest and cache still work after the whole project folder moves."""
+    from sscxr.data.cache import ImageCache
+
+    project = tmp_path / "project"
+    for cls in ("covid", "normal"):
+        for i in range(3):
+            png(project / "data" / cls / f"{cls}{i}.png", 40 * i + 10)
+    monkeypatch.chdir(project)
+    assert main(["import", "folder", "data", "--out", "runs/m.csv"]) == 0
+    assert main(["split", "runs/m.csv", "--split", "0.5,0.5,0"]) == 0
+    text = Path("runs/m.csv").read_text()
+    assert str(tmp_path) not in text
+    assert all(r.path.startswith("../data/") for r in read_manifest("runs/m.csv").rows)
+    assert main(["prepare", "runs/m.csv", "--out", "runs/cache", "--size", "16", "--workers", "0"]) == 0
+    index = Path("runs/cache/index.json").read_text()
+    assert str(tmp_path) not in index and str(tmp_path) not in Path("runs/cache/progress.jsonl").read_text()
+
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    monkeypatch.chdir(tmp_path)  # and opened from another working folder
+    cache = ImageCache.open(moved / "runs" / "cache")
+    assert cache.manifest_path == str(moved / "runs" / "m.csv")
+    assert all(cache.manifest.resolve(r).is_file() for r in cache.manifest.rows)
+
+    # An absolute data folder gives absolute paths, as before.
+    assert main(["import", "folder", str(moved / "data"), "--out", str(moved / "runs" / "abs.csv")]) == 0
+    assert all(Path(r.path).is_absolute() for r in read_manifest(moved / "runs" / "abs.csv").rows)

@@ -78,12 +78,36 @@ def test_paths_relative_to_new_manifest_folder(tmp_path: Path) -> None:
     assert back.resolve_mask(back[1]) is None
 
 
-def test_paths_outside_manifest_folder_written_absolute(tmp_path: Path) -> None:
-    manifest = _manifest(tmp_path / "data")
-    out = write_manifest(manifest, tmp_path / "runs" / "m.csv")
+def test_paths_outside_manifest_folder_keep_the_form_given(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rows = [
+        ManifestRow("a/x.png", "healthy", "p1", "s1", "train", "m/x.png"),
+        ManifestRow(str(data / "a" / "y.png"), "healthy", "p2", "s1", "train", str(data / "m" / "y.png")),
+    ]
+    out = write_manifest(Manifest(rows, data), tmp_path / "runs" / "m.csv")
     back = read_manifest(out)
-    assert Path(back[0].path).is_absolute()
-    assert back.resolve(back[0]) == tmp_path / "data" / "a" / "x.png"
+    # A row given relative stays relative (nothing of the machine's layout in the file), an absolute one
+    # stays absolute; both still point at the same files.
+    assert (back[0].path, back[0].mask_path) == ("../data/a/x.png", "../data/m/x.png")
+    assert back[1].path == (data / "a" / "y.png").as_posix()
+    assert back[1].mask_path == (data / "m" / "y.png").as_posix()
+    assert back.resolve(back[0]) == data / "a" / "x.png"
+    assert back.resolve_mask(back[1]) == data / "m" / "y.png"
+    assert str(tmp_path) not in out.read_text().splitlines()[1]
+
+
+@pytest.mark.parametrize(("outside", "absolute"), [("relative", False), ("absolute", True)])
+def test_paths_outside_manifest_folder_in_the_form_asked(
+    tmp_path: Path, outside: str, absolute: bool
+) -> None:
+    data = tmp_path / "data"
+    rows = [ManifestRow(str(data / "a" / "y.png"), "healthy", "p2"), ManifestRow("a/x.png", "")]
+    back = read_manifest(write_manifest(Manifest(rows, data), tmp_path / "runs" / "m.csv", outside=outside))
+    assert [Path(r.path).is_absolute() for r in back] == [absolute, absolute]
+    assert [back.resolve(r) for r in back] == [data / "a" / "y.png", data / "a" / "x.png"]
+    # Inside the manifest's folder paths are relative whatever is asked: the folder moves as one.
+    inside = read_manifest(write_manifest(Manifest(rows, data), data / "m.csv", outside=outside))
+    assert [r.path for r in inside] == ["a/y.png", "a/x.png"]
 
 
 def test_duplicate_path_rejected_with_its_name(tmp_path: Path) -> None:

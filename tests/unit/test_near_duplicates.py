@@ -362,3 +362,44 @@ def test_an_older_cache_warns_then_prepare_adds_its_hashes(
         assert (old / name).read_bytes() == (caches["leaky"] / name).read_bytes(), name
     with pytest.raises(DataError, match="near-duplicate"):
         open_cache(old, SIZE)
+
+
+class _Reached(Exception):
+    """Raised by a stand-in for the step after the leakage check."""
+
+
+def test_probe_refuses_the_planted_copy_unless_allowed(
+    caches: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sscxr.cli.probe_cmds as probe_cmds
+
+    def reached(*args: object) -> None:
+        raise _Reached
+
+    monkeypatch.setattr(probe_cmds, "build_sources", reached)
+
+    def argv(cache: Path) -> list[str]:
+        return ["probe", "--cache", str(cache), "--task", "healthy_vs_pathology", "--test", f"t={cache}:test",
+                "--out", "o"]  # fmt: skip
+
+    assert main(argv(caches["leaky"])) == 2
+    err = capsys.readouterr().err
+    assert "near-duplicate image pair" in err and "copy.jpg" in err and "pass --allow-leakage" in err
+    with pytest.raises(_Reached):  # allowed: the check warns and the probe goes on
+        main([*argv(caches["leaky"]), "--allow-leakage"])
+    with pytest.raises(_Reached):
+        main(argv(caches["clean"]))
+
+
+def test_segment_evaluate_refuses_the_planted_copy_before_any_model_runs(
+    caches: dict[str, Path], tmp_path: Path
+) -> None:
+    from sscxr.errors import SSCXRError
+    from sscxr.evaluation.segmentation import SegTestSpec, run_evaluation
+
+    missing = tmp_path / "no-model"
+    tests = [SegTestSpec("t", caches["leaky"])]
+    with pytest.raises(DataError, match=r"near-duplicate image pair.*copy\.jpg.*pass --allow-leakage"):
+        run_evaluation([("m", missing)], tests, tmp_path / "out", progress=False)
+    with pytest.raises(SSCXRError, match="no-model"):  # allowed: on to loading the model
+        run_evaluation([("m", missing)], tests, tmp_path / "out", progress=False, allow_leakage=True)

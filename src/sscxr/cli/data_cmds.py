@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,7 +441,11 @@ def _import(args: argparse.Namespace) -> int:
     m = layout.read(args)
     if layout.splits:
         m = _apply_splits(m, args)
-    write_manifest(m, args.out)
+    # Paths outside the manifest's folder keep the form the user gave the data in: a relative data
+    # folder gives '../data/x.png' (nothing of the machine's layout in a shared manifest), an absolute
+    # one absolute paths. `import masks` rewrites a manifest, whose rows keep their own form.
+    outside = "as_given" if layout.name == "masks" else "absolute" if os.path.isabs(args.root) else "relative"
+    write_manifest(m, args.out, outside=outside)
     masks = f"; masks {sum(bool(r.mask_path) for r in m.rows)} of {len(m)}" if m.has_masks else ""
     print(
         f"wrote {args.out}: {len(m)} images; "

@@ -90,6 +90,7 @@ def run_probe_command(args: argparse.Namespace) -> dict[str, Any]:
         The probe.json document.
     """
     from sscxr.data.cache import ImageCache
+    from sscxr.data.near_duplicates import require_no_leakage
     from sscxr.evaluation import parse_split_spec, parse_threshold
     from sscxr.evaluation.probe import ProbeOptions, parse_fractions, parse_seeds, run_probe
     from sscxr.tasks.labels import resolve_task
@@ -104,6 +105,11 @@ def run_probe_command(args: argparse.Namespace) -> dict[str, Any]:
     task = resolve_task(args.task)
     tests = [(name, parse_split_spec(spec)) for name, spec in args.test]
     cache = ImageCache.open(args.cache)
+    # The probes fit on this cache's train / val rows and score the test sets: refuse what leaks between
+    # them (patients in two splits, near-duplicate images) as training and `evaluate` do.
+    for path in dict.fromkeys([Path(args.cache), *(spec.cache_dir for _, spec in tests)]):
+        leak_cache = cache if path == Path(args.cache) else ImageCache.open(path)
+        require_no_leakage(leak_cache, args.allow_leakage, "pass --allow-leakage")
     sources = build_sources(args, cache, options)
     grid = (fractions, seeds, args.out, options, (args.train_split, args.val_split), command_line(args))
     return run_probe(sources, cache, task, tests, *grid, _print_row)
@@ -159,6 +165,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--seeds", default="0,1,2,3,4", help="subset seeds")
     p.add_argument("--features", default="avg4", choices=("avg4", "avg", "cls", "grid4"))
     p.add_argument("--no-knn", action="store_true", help="linear probes only")
+    p.add_argument(
+        "--allow-leakage",
+        action="store_true",
+        help="probe even when a patient or a near-duplicate image is in two splits (a warning says so)",
+    )
     p.add_argument("--threshold", default="youden", help="youden | sensitivity:0.95 | a number | default")
     p.add_argument(
         "--n-boot", type=int_at_least(0), default=500, help="patient-bootstrap resamples (0: no intervals)"

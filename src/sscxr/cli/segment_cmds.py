@@ -72,6 +72,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         batch_size=args.batch_size,
+        allow_leakage=args.allow_leakage,
     )
     for ev in evals:
         variants = [("raw", ev.summary)] + ([("post-processed", ev.summary_pp)] if ev.summary_pp else [])
@@ -144,6 +145,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--batch-size", type=int_at_least(1), default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--allow-leakage",
+        action="store_true",
+        help="evaluate even when a patient or a near-duplicate image is in two splits of a test cache",
+    )
     p.set_defaults(func=_evaluate)
 
 

@@ -52,6 +52,7 @@ from sscxr.data.cache_format import (
     npy_problem,
     resize_mask,
     resize_to_cache,
+    resolve_stored,
     resume_command,
     row_intact,
 )
@@ -134,7 +135,7 @@ class ImageCache:
             )
         copy = read_manifest(root / "manifest.csv")
         # Relative paths of the copy still mean "relative to the original manifest's folder".
-        manifest = Manifest(copy.rows, Path(index["manifest_root"]))
+        manifest = Manifest(copy.rows, resolve_stored(root, index["manifest_root"]))
         if len(manifest) != index["n_total"]:
             raise DataError(
                 f"{root}: manifest.csv has {len(manifest)} rows, index.json {index['n_total']}; "
@@ -210,8 +211,8 @@ class ImageCache:
 
     @property
     def manifest_path(self) -> str:
-        """Where that manifest was when the cache was built."""
-        return str(self.index["manifest_path"])
+        """Where that manifest was when the cache was built (absolute)."""
+        return str(resolve_stored(self.root, self.index["manifest_path"]))
 
     @property
     def has_masks(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sscxr.data.manifest import Manifest
-from sscxr.utils import atomic_write_json
+from sscxr.utils import atomic_write_json, display_path
 
 logger = logging.getLogger(__name__)
 
@@ -159,10 +160,24 @@ def _read_progress(out_dir: Path) -> tuple[dict[str, Any] | None, dict[int, dict
     return header, done
 
 
+def stored_path(target: Path, out_dir: Path, relative: bool) -> str:
+    """How the cache records a path of the user's (the manifest, its folder): relative to the cache
+    folder when the user named the manifest by a relative path (nothing of the machine's layout in a
+    cache that is shared, and the pair still works when moved together), else absolute."""
+    return Path(os.path.relpath(target, out_dir)).as_posix() if relative else str(target)
+
+
+def resolve_stored(out_dir: Path, stored: str) -> Path:
+    """The absolute path of a `stored_path` record (absolute records, as older caches hold, as they are)."""
+    return Path(os.path.normpath(Path(out_dir) / stored))
+
+
 def resume_command(header: dict[str, Any], out_dir: Path) -> str:
-    """The shell command that continues (or re-checks) the cache described by `header`."""
+    """The shell command that continues (or re-checks) the cache described by `header`, with paths as
+    seen from the working folder."""
+    manifest = display_path(resolve_stored(out_dir, header["manifest_path"]))
     return (
-        f"sscxr prepare {header['manifest_path']} --out {out_dir} --size {header['size']} "
+        f"sscxr prepare {manifest} --out {display_path(out_dir)} --size {header['size']} "
         f"--fit {header['fit']}"
     )
 
@@ -198,7 +213,7 @@ def _write_index(
     ok = [records[i] for i in range(header["n"]) if records[i]["status"] == "ok"]
     index = {
         **{k: v for k, v in header.items() if k != "n"},
-        "manifest_root": str(manifest.root),
+        "manifest_root": stored_path(manifest.root, out_dir, not os.path.isabs(header["manifest_path"])),
         "n_total": header["n"],
         "n_ok": len(ok),
         "n_failed": header["n"] - len(ok),

@@ -306,28 +306,41 @@ def _fill_patients(path: Path, rows: list[ManifestRow]) -> list[ManifestRow]:
     return [r if r.patient_id else replace(r, patient_id=IMAGE_PATIENT_PREFIX + r.path) for r in rows]
 
 
-def _relative_if_inside(target: Path, folder: Path) -> str:
-    """`target` relative to `folder` when it lies inside it, else absolute (posix separators)."""
+OUTSIDE_FORMS = ("as_given", "relative", "absolute")
+
+
+def _path_cell(target: Path, given: str, folder: Path, outside: str) -> str:
+    """How a row's path is written into a manifest in `folder` (posix separators).
+
+    Inside `folder`: relative to it, so the manifest moves with its data. Outside: relative (`../x.png`)
+    or absolute as `outside` says; "as_given" keeps the form of the row's path as it was read or
+    imported (`given`), so rewriting a manifest never turns a relative path into the user's absolute one.
+    """
     try:
         return target.relative_to(folder).as_posix()
     except ValueError:
-        # Outside the folder: '../..' paths break as soon as the manifest moves alone, absolute ones
-        # only when the data moves, which is rarer.
-        return target.as_posix()
+        pass
+    relative = not os.path.isabs(given) if outside == "as_given" else outside == "relative"
+    return Path(os.path.relpath(target, folder)).as_posix() if relative else target.as_posix()
 
 
-def write_manifest(manifest: Manifest, path: str | os.PathLike[str]) -> Path:
+def write_manifest(manifest: Manifest, path: str | os.PathLike[str], outside: str = "as_given") -> Path:
     """Write `manifest` to `path` atomically (temp file + os.replace).
 
-    Paths inside the new manifest's folder are written relative to it, others absolute.
+    Paths inside the new manifest's folder are written relative to it. Paths outside it follow
+    `outside`: "as_given" (relative rows stay relative, recomputed for the new folder; absolute ones stay
+    absolute), "relative" or "absolute" (importers choose from how the user named the data folder).
 
     Args:
         manifest: rows to write; their relative paths are resolved against `manifest.root`.
         path: the CSV file to write.
+        outside: "as_given" | "relative" | "absolute".
 
     Returns:
         The absolute path written.
     """
+    if outside not in OUTSIDE_FORMS:
+        raise ValueError(f"outside must be one of {OUTSIDE_FORMS}, got {outside!r}")
     path = Path(os.path.abspath(path))
     folder = path.parent
     extras = manifest.extra_columns()
@@ -345,12 +358,12 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike[str]) -> Path:
         mask = manifest.resolve_mask(row)
         writerow(
             [
-                _relative_if_inside(manifest.resolve(row), folder),
+                _path_cell(manifest.resolve(row), row.path, folder, outside),
                 row.label,
                 row.patient_id,
                 row.site,
                 row.split,
-                _relative_if_inside(mask, folder) if mask else "",
+                _path_cell(mask, row.mask_path, folder, outside) if mask else "",
                 *(row.extra.get(k, "") for k in extras),
             ]
         )

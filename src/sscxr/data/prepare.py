@@ -44,6 +44,7 @@ from sscxr.data.cache_format import (
     resize_to_cache,
     resume_command,
     row_intact,
+    stored_path,
 )
 from sscxr.data.manifest import Manifest, manifest_hash, read_manifest
 from sscxr.data.near_duplicates import (
@@ -55,7 +56,7 @@ from sscxr.data.near_duplicates import (
     search_info,
 )
 from sscxr.errors import DataError, SSCXRError
-from sscxr.utils import atomic_write_bytes, atomic_write_text
+from sscxr.utils import atomic_write_bytes, atomic_write_text, display_path
 
 __all__ = ["MAX_SIZE", "PrepareInterrupted", "PrepareReport", "prepare"]
 
@@ -196,10 +197,12 @@ def _results(fn: Callable[[Any], Any], tasks: list[Any], workers: int, chunk: in
 
 
 # ----------------------------------------------------------------------------------------- cache folder
-def _header(manifest_path: Path, manifest: Manifest, size: int, fit: str) -> dict[str, Any]:
+def _header(
+    manifest_path: Path, out_dir: Path, relative: bool, manifest: Manifest, size: int, fit: str
+) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
-        "manifest_path": str(manifest_path),
+        "manifest_path": stored_path(manifest_path, out_dir, relative),
         "manifest_hash": manifest_hash(manifest_path),
         "size": size,
         "fit": fit,
@@ -429,11 +432,12 @@ def prepare(
         raise DataError(f"--size {size}: the cache side must be between 8 and {MAX_SIZE} pixels.")
     if fit not in FITS or chunk < 1:
         raise ValueError(f"need fit in {FITS}, chunk >= 1; got {fit!r}, {chunk}")
+    relative = not os.path.isabs(manifest_path)
     manifest_path, out_dir = Path(os.path.abspath(manifest_path)), Path(os.path.abspath(out_dir))
     manifest = read_manifest(manifest_path)
     if len(manifest) == 0:
         raise DataError(f"{manifest_path}: the manifest has no rows; nothing to prepare.")
-    header = _header(manifest_path, manifest, size, fit)
+    header = _header(manifest_path, out_dir, relative, manifest, size, fit)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_reusable(out_dir, header, overwrite)
     old_header, done = _read_progress(out_dir)
@@ -589,6 +593,6 @@ def _near_pairs(out_dir: Path, header: dict[str, Any], records: dict[int, dict[s
     found = pairs_among(np.load(out_dir / HASH_FILE, mmap_mode="r"), rows)
     logger.info(
         "%s: near-duplicate search among %d hashed rows: %d pairs (%.1f s)",
-        out_dir, len(rows), len(found), time.perf_counter() - start,
+        display_path(out_dir), len(rows), len(found), time.perf_counter() - start,
     )  # fmt: skip
     return found

@@ -740,7 +740,7 @@ def _document(
         "options": run.base_key["options"],
         "validation": {"n_images": int(d.val.y.size), "n_patients": len(set(d.val.patients.tolist())),
                        "counts": np.bincount(d.val.y, minlength=len(d.task.class_names)).tolist()},
-        "tests": {n: {"cache": str(r), "n_images": int(t.y.size), "excluded": t.excluded}
+        "tests": {n: {"cache": display_path(r), "n_images": int(t.y.size), "excluded": t.excluded}
                   for n, (r, t, _) in d.tests.items()},
         "sources": {s.name: {"start": s.start, "encoder": s.encoder, **s.info} for s in sources},
         "rows": rows, "flags": _flags(rows, d.val, d.task.class_names),

@@ -122,7 +122,7 @@ def _split_info(spec: SplitSpec, cache: ImageCache, idx: np.ndarray) -> dict[str
         "cache": display_path(cache.root),
         "splits": list(spec.splits),
         "manifest_hash": cache.index.get("manifest_hash"),
-        "manifest_path": display_path(manifest) if (manifest := cache.index.get("manifest_path")) else None,
+        "manifest_path": display_path(cache.manifest_path) if cache.index.get("manifest_path") else None,
         "n_images": int(idx.size),
         "n_patients": len({r.patient_id or r.path for r in rows}),
         "labels": {

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from sscxr.data.cache import ImageCache, fit_geometry, resize_to_cache
 from sscxr.data.io import is_image_file, read_xray
+from sscxr.data.near_duplicates import require_no_leakage
 from sscxr.engine.distributed import resolve_device
 from sscxr.errors import ConfigError, DataError, SSCXRError
 from sscxr.metrics.classification import MetricValue
@@ -354,6 +355,7 @@ def run_evaluation(
     device: str = "auto",
     batch_size: int = 16,
     progress: bool = True,
+    allow_leakage: bool = False,
 ) -> tuple[list[SegEvaluation], dict[str, Path]]:
     """Evaluate every model on every test set and write the report (see `write_segmentation_report`).
 
@@ -363,9 +365,14 @@ def run_evaluation(
         out_dir: report folder.
         postprocess: also score the post-processed masks (two largest components, holes filled).
         n_boot: bootstrap resamples (by patient) for the 95% CIs; 0 = none.
+        allow_leakage: evaluate (with a warning) test caches whose patients or near-duplicate images
+            are in two splits; refused otherwise.
 
     Returns:
         (evaluations, {kind: path} of the files written).
+
+    Raises:
+        DataError: leakage in a test cache and not `allow_leakage`.
     """
     from sscxr.models.unetr import load_segmenter
     from sscxr.reports.segmentation import write_segmentation_report
@@ -373,6 +380,10 @@ def run_evaluation(
     names = [n for n, _ in models] + [t.name for t in tests]
     if len({n for n, _ in models}) != len(models) or len({t.name for t in tests}) != len(tests):
         raise ConfigError(f"model and test-set names must be unique, got {names}")
+    # Refuse a test cache whose test rows leak into its training rows (patients, near-duplicate images),
+    # as `sscxr evaluate` does; checked before any model runs.
+    for cache_dir in dict.fromkeys(t.cache for t in tests):
+        require_no_leakage(ImageCache.open(cache_dir), allow_leakage, "pass --allow-leakage")
     dev = resolve_device(device)
     evals = []
     for name, path in models:
