@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from crafted import crafted_dicom
 from sscxr.data.cache import (
     ImageCache,
     PrepareInterrupted,
@@ -35,24 +36,8 @@ def _smooth(h: int, w: int, seed: int) -> np.ndarray:
 
 
 def _write_dicom(path: Path, pixels: np.ndarray) -> None:
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelSpacing = [0.15, 0.2]
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    assert pydicom  # imported for its side effect of skipping when absent
+    pytest.importorskip("pydicom")
+    crafted_dicom(path, pixels)
 
 
 def _folder(tmp: Path, with_masks: bool = True, corrupt: bool = True) -> Path:

@@ -14,6 +14,7 @@ from sscxr.cli import (
     data_cmds,
     demo,
     evaluate_cmds,
+    predict_cmds,
     probe_cmds,
     segment_cmds,
     study_cmds,
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify_cmds.register(sub)
     segment_cmds.register(sub)
     evaluate_cmds.register(sub)
+    predict_cmds.register(sub)
     probe_cmds.register(sub)
     study_cmds.register(sub)
     demo.register(sub)

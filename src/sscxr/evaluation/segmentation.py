@@ -29,10 +29,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sscxr.data.cache import ImageCache, fit_geometry, resize_to_cache
-from sscxr.data.io import is_image_file, read_xray
+from sscxr.data.io import read_xray
 from sscxr.data.near_duplicates import require_no_leakage
 from sscxr.engine.distributed import resolve_device
 from sscxr.errors import ConfigError, DataError, SSCXRError
+from sscxr.evaluation.inputs import collect_inputs
 from sscxr.metrics.classification import MetricValue
 from sscxr.metrics.segmentation import (
     SEG_METRICS,
@@ -50,7 +51,6 @@ __all__ = [
     "SegEvaluation",
     "SegTestSpec",
     "cache_pixel_spacing",
-    "collect_inputs",
     "evaluate_on_cache",
     "parse_model_spec",
     "parse_test_spec",
@@ -238,45 +238,6 @@ class PredictResult:
 
     written: list[tuple[Path, Path]] = field(default_factory=list)
     failures: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def collect_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, Path]]:
-    """Image files to segment, each with its output name relative to the output folder.
-
-    Folders are searched recursively (files that `is_image_file` accepts; the sub-folder layout is
-    kept in the output), files are taken as given (even with an unknown suffix: reading decides).
-
-    Returns:
-        (input path, relative mask path `<stem>_mask.png`) pairs, without duplicates.
-
-    Raises:
-        DataError: an input does not exist, or nothing to segment was found.
-    """
-    found: dict[Path, Path] = {}
-    taken: set[Path] = set()
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
-            pairs = [(f, f.relative_to(item)) for f in files if is_image_file(f)]
-        elif item.exists():
-            pairs = [(item, Path(item.name))]
-        else:
-            raise DataError(f"{item}: no such file or folder")
-        for src, rel in pairs:
-            if src not in found:
-                found[src] = _free_name(rel.parent / f"{rel.stem}_mask.png", taken)
-                taken.add(found[src])
-    if not found:
-        raise DataError(f"no image files found in {', '.join(map(str, inputs))}")
-    return list(found.items())
-
-
-def _free_name(name: Path, taken: set[Path]) -> Path:
-    """`name`, or `<stem>_2.png`, `_3`... when another input already writes there (same stem)."""
-    k, out = 2, name
-    while out in taken:
-        out, k = name.with_name(f"{name.stem}_{k}{name.suffix}"), k + 1
-    return out
 
 
 def predict_mask(segmenter: Segmenter, image: np.ndarray, postprocess: bool = False) -> np.ndarray:

@@ -7,14 +7,14 @@ redraw them from metrics.json alone).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from sscxr.viz.figure import figure_png as save_png
 
 __all__ = ["confusion_figure", "figure_png", "reliability_figure", "roc_pr_figure"]
 
@@ -23,11 +23,8 @@ _DPI = 96
 
 
 def figure_png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    # No "Software" metadata: keeps the PNG free of any URL.
-    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
-    return buf.getvalue()
+    """The report figures' PNG bytes (`sscxr.viz.figure.figure_png` at the reports' resolution)."""
+    return save_png(fig, _DPI)
 
 
 def _undefined(ax: Axes, text: str) -> None:

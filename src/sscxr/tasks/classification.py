@@ -463,6 +463,10 @@ def build_finetuning(
     info = {
         "cache": str(cfg.data.cache),
         "manifest_hash": cache.manifest_hash,
+        # How training images were framed (stretch / pad) and their cache side: what `sscxr predict`
+        # repeats on image files so that new images look like the training images.
+        "fit": cache.index["fit"],
+        "cache_size": cache.size,
         **data_info,
         "init": init_info,
         **recipe,

@@ -7,7 +7,6 @@ edges visible, which is where HD95 is decided.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sscxr.utils import atomic_write_bytes
+from sscxr.viz.figure import figure_png
 
 __all__ = ["GT_COLOR", "PRED_COLOR", "OverlayCase", "draw_overlay", "overlay_figure"]
 
@@ -96,9 +95,4 @@ def overlay_figure(
     legend = "ground truth: green, prediction: yellow"
     fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    data = buf.getvalue()
-    if path is not None:
-        atomic_write_bytes(path, data)
-    return data
+    return figure_png(fig, dpi, path)
