@@ -14,6 +14,7 @@ from sscxr.cli import (
     data_cmds,
     demo,
     evaluate_cmds,
+    model_cmds,
     predict_cmds,
     probe_cmds,
     segment_cmds,
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment_cmds.register(sub)
     evaluate_cmds.register(sub)
     predict_cmds.register(sub)
+    model_cmds.register(sub)
     probe_cmds.register(sub)
     study_cmds.register(sub)
     demo.register(sub)

@@ -33,14 +33,19 @@ def _summary(results, out: Path, table: str) -> int:  # type: ignore[no-untyped-
 
 def _predict(args: argparse.Namespace) -> int:
     from sscxr.evaluation.files import predict_files
+    from sscxr.models.bundle import is_bundle, read_bundle
     from sscxr.models.classifier import load_classifier
 
     model, meta = load_classifier(args.model)
     segmenter = None
-    if args.segmenter:
+    # A bundle's own segmenter writes the masks unless another is given or --no-masks.
+    seg_path = args.segmenter
+    if seg_path is None and not args.no_masks and is_bundle(args.model):
+        seg_path = args.model if "segmenter" in read_bundle(args.model)[1]["components"] else None
+    if seg_path is not None and not args.no_masks:
         from sscxr.models.unetr import load_segmenter
 
-        segmenter = load_segmenter(args.segmenter)
+        segmenter = load_segmenter(seg_path)
     results = predict_files(model, meta, args.inputs, args.out, _options(args), segmenter, args.postprocess)
     return _summary(results, args.out, "predictions.csv")
 
@@ -86,7 +91,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         ),
     )
     _common(p)
-    p.add_argument("--segmenter", type=Path, help="also write lung masks with this segmenter (run folder)")
+    p.add_argument(
+        "--segmenter", type=Path,
+        help="also write lung masks with this segmenter (run folder or bundle; default: the bundle's own)",
+    )  # fmt: skip
+    p.add_argument("--no-masks", action="store_true", help="no lung masks, even from a bundle's segmenter")
     p.add_argument(
         "--postprocess", action="store_true", help="masks: keep the two largest components, fill holes"
     )

@@ -95,7 +95,9 @@ def decision_threshold(meta: Mapping[str, Any], choice: str | None) -> float | N
 
     Args:
         meta: the classifier's model.json.
-        choice: a name in `meta["thresholds"]`, a number in [0, 1], or None (the "default" one).
+        choice: a name in `meta["thresholds"]`, a number in [0, 1], or None: the model's decision
+            threshold (`decision_threshold` in model.json: a bundle's, chosen by an evaluation), else
+            its "default".
 
     Raises:
         ConfigError: an unknown name or a number outside [0, 1].
@@ -103,7 +105,7 @@ def decision_threshold(meta: Mapping[str, Any], choice: str | None) -> float | N
     if len(meta["class_names"]) != 2:
         return None
     thresholds = {str(k): float(v) for k, v in dict(meta.get("thresholds") or {"default": 0.5}).items()}
-    name = "default" if choice is None else choice
+    name = _default_rule(meta) if choice is None else choice
     if name in thresholds:
         return thresholds[name]
     try:
@@ -131,6 +133,10 @@ def frame_image(image: np.ndarray, meta: Mapping[str, Any]) -> torch.Tensor:
     return torch.from_numpy(resize_to_cache(image, int(meta["img_size"]), str(meta.get("fit", "stretch"))))[
         None
     ]
+
+
+def _default_rule(meta: Mapping[str, Any]) -> str:
+    return str(meta.get("decision_threshold", "default"))
 
 
 def _decide(probs: np.ndarray, class_names: Sequence[str], threshold: float | None) -> str:
@@ -279,7 +285,7 @@ def _write_tables(
         "model": {"task": meta.get("task"), "class_names": names, "img_size": meta["img_size"],
                   "fit": meta.get("fit", "stretch")},
         "decision": "argmax" if threshold is None else {"positive_class": names[1], "threshold": threshold,
-                                                        "rule": options.threshold or "default"},
+                                                        "rule": options.threshold or _default_rule(meta)},
         "n_images": len(results), "n_unreadable": sum(bool(r.error) for r in results),
         "rows": [_json_row(r, names) for r in results],
     }  # fmt: skip

@@ -158,8 +158,10 @@ class ViTClassifier(nn.Module):
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
-    """(weights, json) of a model given as a run folder, either file, or their common base name."""
-    p = Path(path)
+    """(weights, json) of a model given as a run folder, a bundle, either file, or their base name."""
+    from sscxr.models.bundle import component_path
+
+    p = component_path(path, "classifier") or Path(path)
     if p.is_dir():
         p = p / "model"
     elif p.suffix in (".safetensors", ".json"):
@@ -223,7 +225,8 @@ def load_classifier(
     """Load an exported classifier (safetensors only) in eval mode.
 
     Args:
-        path: a fine-tuning run folder, `model.safetensors`, `model.json` or their base name.
+        path: a fine-tuning run folder, a bundle (folder or .zip, `sscxr bundle`), `model.safetensors`,
+            `model.json` or their base name.
         device: where to put the model.
 
     Returns:

@@ -313,6 +313,9 @@ def export_segmenter(
 
 
 def _segmenter_files(path: Path) -> tuple[Path, Path]:
+    from sscxr.models.bundle import component_path
+
+    path = component_path(path, "segmenter") or path
     if path.is_dir():
         path = path / "model"
     base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
@@ -320,7 +323,8 @@ def _segmenter_files(path: Path) -> tuple[Path, Path]:
 
 
 def load_segmenter(path: str | Path) -> Segmenter:
-    """Load an exported segmenter: a run folder (holding `model.json`), or the export's files / base name.
+    """Load an exported segmenter: a run folder (holding `model.json`), a bundle with a segmenter, or the
+    export's files / base name.
 
     Raises:
         CheckpointError: files missing or unreadable, not an sscxr segmenter, or weights that do not fit.
