@@ -3,7 +3,6 @@ fresh process, the evaluation's threshold and results, and refusals of damaged o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -19,30 +18,21 @@ from sscxr.cli import main
 from sscxr.errors import CheckpointError
 from sscxr.evaluation.files import decision_threshold
 from sscxr.models.bundle import component_path, read_bundle, write_bundle
-from sscxr.models.classifier import ViTClassifier, export_classifier, load_classifier
-from sscxr.models.loading import Normalization
-from sscxr.models.unetr import SegmenterSpec, build_unetr, export_segmenter, load_segmenter
-from sscxr.models.vit import ViTConfig, build_vit
+from sscxr.models.classifier import load_classifier
+from sscxr.models.unetr import load_segmenter
+from tiny_models import classifier_run, segmenter_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, drop_path_rate=0.0)
-NORM = Normalization(mean=0.45, std=0.25)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A fine-tuning run folder, a segmentation run folder and an evaluation of the classifier."""
     root = tmp_path_factory.mktemp("runs")
-    torch.manual_seed(0)  # tests only: timm initialises from the global RNG
-    clf = ViTClassifier(build_vit(TINY), ["healthy", "pneumonia"], normalization=NORM)
-    extra = {"task": "pneumonia_vs_healthy", "fit": "stretch", "manifest_hash": "0123456789abcdef",
-             "cache": "runs/cache", "command": "sscxr finetune ..."}  # fmt: skip
-    export_classifier(clf, TINY, root / "ft" / "model", extra)
+    extra = {"manifest_hash": "0123456789abcdef", "cache": "runs/cache", "command": "sscxr finetune ..."}
+    classifier_run(root / "ft", extra)
     (root / "ft" / "config.yaml").write_text("train:\n  epochs: 3\n")
-    spec = SegmenterSpec(vit=TINY, normalization=NORM, feature_size=4, fit="stretch", threshold=0.5)
-    seg = build_unetr(spec).eval()
-    export_segmenter(seg.state_dict(), dataclasses.replace(spec, blocks=seg.blocks), root / "seg" / "model")
+    segmenter_run(root / "seg")
     meta = json.loads((root / "ft" / "model.json").read_text())
     metric = {"class": "pneumonia", "metric": "auc_roc", "value": 0.912, "ci_low": 0.871, "ci_high": 0.948}
     doc = {

@@ -180,6 +180,11 @@ def test_best_checkpoint_follows_the_validation_metric(tmp_path: Path) -> None:
     assert result.best_metric == 0.5 and result.state.best_step == 20
     best = load_checkpoint(tmp_path / "full" / "checkpoints" / "best.pt")
     assert best["state"]["epoch"] == 2 and best["state"]["best_metric"] == 0.5
+    # The engine hands exactly those weights, and how the run went, to the task's export.
+    handed = task.trained
+    _assert_equal(handed.best, best["model"])
+    assert (handed.metric, handed.value, handed.step, handed.epoch) == ("val/score", 0.5, 20, 1)
+    assert handed.steps == 30
     # The same run stopped right after epoch 1 saves exactly the weights best.pt holds.
     torch.manual_seed(0)
     _fit(tmp_path / "cut", ToyTask(val_scores=[0.1, 0.5]), epochs=3, best_metric="val/score", max_steps=20)

@@ -214,11 +214,14 @@ def test_predict_feeds_raw_images_to_vit_classifier(cache_dir: Path) -> None:
     nn.init.normal_(model.encoder.head.weight, std=1.0)
     cache = ImageCache.open(cache_dir)
     idx = cache.indices(split="test")
-    got = predict(model, BINARY_META, cache, idx, device="cpu", progress=False)
+    got = predict(model, BINARY_META, cache, idx, device="cpu", progress=False, precision="fp32")
     x = torch.from_numpy(cache.images[idx].astype(np.float32) / 65535.0)[:, None]
     with torch.no_grad():
         want = model(x).softmax(1).numpy()  # the model standardises [0, 1] input itself
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # bf16 autocast (what "auto" picks on CPUs with AMX) stays close to it.
+    bf16 = predict(model, BINARY_META, cache, idx, device="cpu", progress=False, precision="bf16")
+    np.testing.assert_allclose(bf16, want, atol=0.05)
 
 
 def test_class_targets_count_left_out_labels(cache_dir: Path) -> None:

@@ -4,7 +4,6 @@ per input (unreadable ones say why), paths as the user gave them, thresholds, ma
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,36 +16,24 @@ from crafted import crafted_dicom
 from sscxr.cli import main
 from sscxr.data.cache_format import resize_to_cache
 from sscxr.data.io import read_xray
-from sscxr.models.classifier import ViTClassifier, export_classifier, load_classifier
-from sscxr.models.loading import Normalization
-from sscxr.models.unetr import SegmenterSpec, build_unetr, export_segmenter
-from sscxr.models.vit import ViTConfig, build_vit
+from sscxr.models.classifier import load_classifier
+from tiny_models import classifier_run, segmenter_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
-NORM = Normalization(mean=0.45, std=0.25)
+# Exact comparisons run in float32: "auto" picks bf16 on CPUs with AMX (the training policy).
+FP32 = ["--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)  # tests only: timm initialises from the global RNG
-    model = ViTClassifier(build_vit(TINY), ["healthy", "pneumonia"], normalization=NORM,
-                          thresholds={"default": 0.5, "youden": 0.37})  # fmt: skip
-    out = tmp_path_factory.mktemp("clf")
-    export_classifier(model, TINY, out / "model", {"task": "pneumonia_vs_healthy", "fit": "pad"})
-    return out
+    """A classifier trained on letterboxed images (fit "pad") with a second, named threshold."""
+    folder = tmp_path_factory.mktemp("clf")
+    return classifier_run(folder, {"fit": "pad"}, thresholds={"default": 0.5, "youden": 0.37})
 
 
 @pytest.fixture(scope="module")
 def segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    vit = dataclasses.replace(TINY, depth=4)  # UNETR needs 4 blocks for its skips
-    spec = SegmenterSpec(vit=vit, normalization=NORM, feature_size=4, fit="stretch", threshold=0.5)
-    torch.manual_seed(0)
-    model = build_unetr(spec).eval()
-    out = tmp_path_factory.mktemp("seg")
-    export_segmenter(model.state_dict(), dataclasses.replace(spec, blocks=model.blocks), out / "model")
-    return out
+    return segmenter_run(tmp_path_factory.mktemp("seg"))
 
 
 def _inputs(root: Path) -> None:
@@ -71,7 +58,7 @@ def test_predict_rows_are_the_models_own_numbers(
     _inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     assert (
-        main(["predict", str(model_dir), "data", "--out", "out", "--batch-size", "2"]) == 1
+        main(["predict", str(model_dir), "data", "--out", "out", "--batch-size", "2", *FP32]) == 1
     )  # one unreadable
     assert "3 images classified" in capsys.readouterr().out
     rows = _rows(tmp_path / "out" / "predictions.csv")
@@ -91,7 +78,7 @@ def test_predict_rows_are_the_models_own_numbers(
     assert doc["decision"] == {"positive_class": "pneumonia", "threshold": 0.5, "rule": "default"}
     assert str(tmp_path) not in (tmp_path / "out" / "predictions.json").read_text()
     # Batch size changes nothing; a named threshold and a number move the decision.
-    assert main(["predict", str(model_dir), "data", "--out", "b1", "--batch-size", "1"]) == 1
+    assert main(["predict", str(model_dir), "data", "--out", "b1", "--batch-size", "1", *FP32]) == 1
     assert [r["p_pneumonia"] for r in _rows(tmp_path / "b1" / "predictions.csv")] == [
         r["p_pneumonia"] for r in rows
     ]

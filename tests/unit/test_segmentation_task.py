@@ -255,3 +255,24 @@ def test_undefined_hd_is_counted_never_zero() -> None:
     empty = next(r for r in rows if r["path"] == "b.png" and r["postprocessed"] == "False")
     assert empty["hd95_px"] == "" and "empty prediction" in empty["undefined"] and empty["dice"] == "0"
     assert fmt_summary(ev.summary["hd_mm"].__class__(None, None, None, 0, 3)) == "n/a (no defined value)"
+
+
+def test_overlays_show_the_post_processed_masks_when_they_were_scored() -> None:
+    from sscxr.metrics.segmentation import postprocess_lungs
+    from sscxr.reports.segmentation import _case
+
+    gt = np.zeros((16, 16), dtype=bool)
+    gt[2:14, 2:7] = gt[2:14, 9:14] = True
+    raw = gt.copy()
+    raw[0, 15] = True  # a speck that post-processing removes (not among the two largest components)
+    rec = CaseRecord(0, "p0", "a.png", segmentation_metrics(raw, gt))
+    rec.metrics_pp = segmentation_metrics(postprocess_lungs(raw), gt)
+    ev = _evaluation()
+    ev.records, ev.masks = [rec], raw[None]
+    cache = SimpleNamespace(image_float=lambda i: np.zeros((16, 16), np.float32), mask=lambda i: gt)
+    shown = _case(cache, ev, 0, "best")  # type: ignore[arg-type]
+    assert np.array_equal(shown.pred, postprocess_lungs(raw)) and not shown.pred[0, 15]
+    assert "Dice 1.000" in shown.title  # the post-processed mask's Dice, not the raw one's
+    ev.summary_pp = None  # raw masks only: the overlay shows them
+    raw_case = _case(cache, ev, 0, "best")  # type: ignore[arg-type]
+    assert raw_case.pred[0, 15] and "Dice 1.000" not in raw_case.title

@@ -18,6 +18,7 @@ from sscxr.cli import (
     predict_cmds,
     probe_cmds,
     segment_cmds,
+    serve_cmds,
     study_cmds,
     train_cmds,
 )
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmds.register(sub)
     predict_cmds.register(sub)
     model_cmds.register(sub)
+    serve_cmds.register(sub)
     probe_cmds.register(sub)
     study_cmds.register(sub)
     demo.register(sub)

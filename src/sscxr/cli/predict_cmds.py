@@ -36,7 +36,13 @@ def _predict(args: argparse.Namespace) -> int:
     from sscxr.models.bundle import is_bundle, read_bundle
     from sscxr.models.classifier import load_classifier
 
-    model, meta = load_classifier(args.model)
+    if args.backend == "onnx":
+        from sscxr.models.onnx_export import OnnxClassifier
+
+        model = OnnxClassifier(args.model)
+        meta = model.meta
+    else:
+        model, meta = load_classifier(args.model)
     segmenter = None
     # A bundle's own segmenter writes the masks unless another is given or --no-masks.
     seg_path = args.segmenter
@@ -96,6 +102,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="also write lung masks with this segmenter (run folder or bundle; default: the bundle's own)",
     )  # fmt: skip
     p.add_argument("--no-masks", action="store_true", help="no lung masks, even from a bundle's segmenter")
+    p.add_argument(
+        "--backend", choices=["torch", "onnx"], default="torch",
+        help="onnx: run MODEL as exported by `sscxr export --format onnx` (its folder) with ONNX Runtime",
+    )  # fmt: skip
     p.add_argument(
         "--postprocess", action="store_true", help="masks: keep the two largest components, fill holes"
     )

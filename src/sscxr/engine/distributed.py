@@ -174,6 +174,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def precision_autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context of inference (predict, evaluate, explain, serve, segmentation masks) under
+    the training policy (`resolve_amp`): "auto" = bf16 on GPUs that support it and on CPUs with AMX,
+    float32 elsewhere; "bf16" / "fp16" forced; "fp32" = full precision.
+
+    Raises:
+        ConfigError: an unknown precision, or bf16 asked of a GPU without it.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return autocast(device, resolve_amp("off" if precision == "fp32" else precision, device))
+
+
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Move every tensor of a batch to `device` (non-blocking: loaders pin memory on CUDA)."""
     if not isinstance(batch, Mapping):

@@ -29,6 +29,7 @@ from sscxr.engine.checkpoint import (
     copy_checkpoint,
     find_resume_checkpoint,
     gather_rng_state,
+    load_checkpoint,
     plain_config,
     remove_stale_temp_files,
     resolve_resume,
@@ -47,7 +48,7 @@ from sscxr.engine.schedule import (
     set_optim_values,
 )
 from sscxr.errors import ConfigError, DataError, SSCXRError
-from sscxr.tasks.base import Task
+from sscxr.tasks.base import Task, TrainedWeights
 from sscxr.utils import atomic_write_text, derive_seed
 
 log = logging.getLogger(__name__)
@@ -299,11 +300,23 @@ class _Loop:
         finally:
             self.metrics.close()
         if self.dist.is_main:
-            self.task.export(self.run_dir)
+            self.task.export(self.run_dir, self._trained())
         barrier()
         return FitResult(
             self.state, self.run_dir, self.state.best_metric, find_resume_checkpoint(self.run_dir)
         )
+
+    def _trained(self) -> TrainedWeights:
+        """The best validation checkpoint's weights (read once, here) and how the run went."""
+        s, t = self.state, self.tcfg
+        best = self.ckpt_dir / "best.pt"
+        if not best.is_file():
+            return TrainedWeights(None, t.best_metric, t.best_mode, s.best_metric, s.best_step, None, s.step)
+        ckpt = load_checkpoint(best)
+        epoch = int(ckpt["state"].get("epoch", 0)) - 1  # saved after the epoch's counter moved on
+        best_state = ckpt["state"]
+        value, step = best_state.get("best_metric"), best_state.get("best_step")
+        return TrainedWeights(ckpt["model"], t.best_metric, t.best_mode, value, step, epoch, s.step)
 
     def _should_stop(self) -> bool:
         s, t = self.state, self.tcfg

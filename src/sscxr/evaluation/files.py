@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from sscxr.data.cache_format import fit_geometry, resize_to_cache
 from sscxr.data.io import read_xray
-from sscxr.engine.distributed import resolve_device
+from sscxr.engine.distributed import precision_autocast, resolve_device
 from sscxr.errors import ConfigError, SSCXRError
 from sscxr.evaluation.inputs import collect_inputs
-from sscxr.evaluation.predict import _autocast, _to_probs
+from sscxr.evaluation.predict import _to_probs
 from sscxr.models.attention import (
     attention_rollout,
     capture_attention,
@@ -175,7 +175,7 @@ def _chunks(items: Iterator[_Item], n: int) -> Iterator[list[_Item]]:
 
 
 def _run(
-    model: ViTClassifier,
+    model: ViTClassifier | Any,
     meta: Mapping[str, Any],
     inputs: Sequence[str | os.PathLike[str]],
     options: PredictOptions,
@@ -196,7 +196,7 @@ def _run(
             yield chunk, None, None
             continue
         x = torch.stack([frame_image(it.image, meta) for it in good]).to(dev)  # type: ignore[arg-type]
-        with torch.inference_mode(), _autocast(dev, options.precision):
+        with torch.inference_mode(), precision_autocast(dev, options.precision):
             if want_maps:
                 with capture_attention(model.encoder) as maps:
                     logits = model(x)
@@ -219,7 +219,7 @@ def _result(
 
 
 def predict_files(
-    model: ViTClassifier,
+    model: ViTClassifier | Any,
     meta: Mapping[str, Any],
     inputs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -230,7 +230,8 @@ def predict_files(
     """Classify every input image; write `predictions.csv` and `predictions.json` to `out_dir`.
 
     Args:
-        model: a loaded classifier (`load_classifier`); it takes [0, 1] images and standardises them.
+        model: a loaded classifier (`load_classifier`, or an `OnnxClassifier`); it takes [0, 1] images
+            and standardises them.
         meta: its model.json.
         inputs: files, folders (recursive) and manifests (see `collect_inputs`).
         out_dir: output folder; with `segmenter`, lung masks go to `out_dir/masks/<rel>_mask.png`.
@@ -332,7 +333,7 @@ def explain_files(
     results = []
     for chunk, probs, maps in _run(model, meta, inputs, o, "_heatmap.png", "explain", want_maps=True):
         if maps is not None:
-            last, roll = last_block_attention(maps, prefix), attention_rollout(maps, prefix)
+            last, roll = last_block_attention(maps, prefix).cpu(), attention_rollout(maps, prefix).cpu()
         k = 0
         for item in chunk:
             if item.image is None or probs is None:

@@ -6,7 +6,6 @@ everything downstream (`sscxr.evaluation.classification`, `sscxr.reports`) works
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sscxr.data.cache import ImageCache
-from sscxr.engine.distributed import resolve_device
+from sscxr.engine.distributed import precision_autocast, resolve_device
 from sscxr.errors import ConfigError, DataError
 from sscxr.utils import atomic_write_text
 
@@ -132,17 +131,6 @@ def class_targets(cache: ImageCache, indices: np.ndarray, label_map: Mapping[str
     )
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast where it pays: on CUDA with bf16 support ("auto"), or wherever asked ("bf16")."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    # On CPU, bf16 autocast is slower than fp32 on most cores without AMX, so "auto" leaves it off.
-    use = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
-
-
 def _batches(
     cache: ImageCache, indices: np.ndarray, batch_size: int, norm: tuple[float, float] | None
 ) -> Iterator[torch.Tensor]:
@@ -203,7 +191,7 @@ def predict(
         indices: (N,) cache rows.
         batch_size: images per forward pass.
         device: "auto" / None (CUDA if present), "cpu", "cuda", ...
-        precision: "auto" (bf16 autocast on CUDA with bf16), "bf16" or "fp32".
+        precision: "auto" | "bf16" | "fp16" | "fp32" (`precision_autocast`: the training policy).
         progress: show a tqdm bar.
     Returns:
         (N, C) float64 probabilities, rows in ``indices`` order.
@@ -220,7 +208,7 @@ def predict(
     out = np.empty((idx.size, n_classes), dtype=np.float64)
     start, done = time.perf_counter(), 0
     bar = tqdm(total=idx.size, disable=not progress, unit="img", desc=desc, dynamic_ncols=True, leave=False)
-    with torch.inference_mode(), _autocast(dev, precision):
+    with torch.inference_mode(), precision_autocast(dev, precision):
         for x in _batches(cache, idx, batch_size, norm):
             x = x.to(dev, non_blocking=True)
             if size != cache.size:

@@ -28,6 +28,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from sscxr.engine.distributed import precision_autocast
 from sscxr.errors import CheckpointError
 from sscxr.models.loading import Normalization, read_model_meta, read_safetensors
 from sscxr.models.vit import ViTConfig, build_vit, vit_config_from_dict
@@ -368,13 +369,13 @@ class Segmenter:
         return self
 
     @torch.no_grad()
-    def probabilities(self, images: torch.Tensor, amp: bool = True) -> torch.Tensor:
+    def probabilities(self, images: torch.Tensor, precision: str = "auto") -> torch.Tensor:
         """Lung probabilities at the images' own resolution.
 
         Args:
             images: (B, 1, H, W) float in [0, 1], already fitted into a square frame like the training
                 cache (`fit`); resized (bilinear, antialiased) to the model's img_size when H, W differ.
-            amp: bf16 autocast on CUDA devices that support it.
+            precision: "auto" | "bf16" | "fp16" | "fp32" (`precision_autocast`, the training policy).
 
         Returns:
             (B, H, W) float32 probabilities on the CPU.
@@ -386,8 +387,7 @@ class Segmenter:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         norm = self.spec.normalization
         x = (x - norm.mean) / norm.std
-        use_amp = amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=use_amp):
+        with precision_autocast(self.device, precision):
             prob = lung_probability(self.model(x))
         if hw != (size, size):
             prob = F.interpolate(prob[:, None], size=hw, mode="bilinear", align_corners=False)[:, 0]

@@ -22,7 +22,7 @@ import numpy as np
 
 from sscxr.data.cache import ImageCache
 from sscxr.evaluation.segmentation import SegEvaluation
-from sscxr.metrics.segmentation import SEG_METRICS, Summary
+from sscxr.metrics.segmentation import SEG_METRICS, Summary, postprocess_lungs
 from sscxr.reports.document import Block, Figure, Heading, Items, Text, to_markdown
 from sscxr.reports.html import to_html
 from sscxr.reports.tables import NOT_RUN, Table
@@ -113,16 +113,27 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
-def _case(cache: ImageCache, ev: SegEvaluation, k: int, label: str) -> OverlayCase:
+def _metrics(ev: SegEvaluation, k: int) -> dict[str, Any]:
+    """Case k's metrics of the masks the overlays show: post-processed when they were scored."""
     rec = ev.records[k]
-    dice, hd = rec.metrics["dice"], rec.metrics["hd95_px"]
+    return rec.metrics_pp if ev.summary_pp is not None and rec.metrics_pp else rec.metrics
+
+
+def _case(cache: ImageCache, ev: SegEvaluation, k: int, label: str) -> OverlayCase:
+    rec, metrics = ev.records[k], _metrics(ev, k)
+    dice, hd = metrics["dice"], metrics["hd95_px"]
     hd_text = f"{hd.value:.1f} px" if hd.value is not None else f"n/a ({hd.reason})"
     title = f"{label}: Dice {dice.format('.3f')}, HD95 {hd_text}\n{Path(rec.path).name}"
-    return OverlayCase(cache.image_float(rec.row), cache.mask(rec.row), ev.masks[k], title)
+    mask = postprocess_lungs(ev.masks[k]) if ev.summary_pp is not None else ev.masks[k]
+    return OverlayCase(cache.image_float(rec.row), cache.mask(rec.row), mask, title)
 
 
 def _dice_array(ev: SegEvaluation) -> np.ndarray:
-    return np.array([r.metrics["dice"].value for r in ev.records], dtype=np.float64)
+    return np.array([_metrics(ev, k)["dice"].value for k in range(len(ev.records))], dtype=np.float64)
+
+
+def _shown(evals: Sequence[SegEvaluation]) -> str:
+    return "post-processed prediction" if any(ev.summary_pp is not None for ev in evals) else "raw prediction"
 
 
 def overlay_figures(evals: Sequence[SegEvaluation]) -> list[Figure]:
@@ -140,7 +151,7 @@ def overlay_figures(evals: Sequence[SegEvaluation]) -> list[Figure]:
                 _safe(f"overlay_{ev.test.name}_{ev.model}"),
                 png,
                 f"{ev.model} on {ev.test.name}: best, median and worst image by Dice "
-                "(ground truth green, prediction yellow; raw prediction)",
+                f"(ground truth green, prediction yellow; {_shown([ev])})",
             )
         )
     for test in dict.fromkeys(ev.test.name for ev in evals):
@@ -155,7 +166,8 @@ def overlay_figures(evals: Sequence[SegEvaluation]) -> list[Figure]:
             Figure(
                 _safe(f"compare_{test}"),
                 overlay_figure(rows, title=f"models on {test}"),
-                f"{test}: the images on which the models disagree most (rows), one model per column",
+                f"{test}: the images on which the models disagree most (rows), one model per column "
+                f"({_shown(group)})",
             )
         )
     return figures

@@ -61,6 +61,27 @@ def reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return work.to(t.device)
 
 
+@dataclass(frozen=True)
+class TrainedWeights:
+    """What a finished `fit` hands to `Task.export`.
+
+    Attributes:
+        best: the task's state_dict at its best validation (`checkpoints/best.pt`, on the CPU), None when
+            there was none (no validation split or no `train.best_metric`).
+        metric: `train.best_metric` (None: not set); mode: "max" | "min".
+        value: its best value; step, epoch: the optimiser step and (0-based) epoch it was reached at.
+        steps: optimiser steps the run took in all.
+    """
+
+    best: dict[str, torch.Tensor] | None
+    metric: str | None
+    mode: str
+    value: float | None
+    step: int | None
+    epoch: int | None
+    steps: int
+
+
 class Task(nn.Module, abc.ABC):
     """A trainable model plus its loss, metrics and artefacts.
 
@@ -133,8 +154,12 @@ class Task(nn.Module, abc.ABC):
         """Rank 0 only, after each epoch's validation: write pictures or other diagnostics."""
         return None
 
-    def export(self, run_dir: Path) -> None:
-        """Rank 0 only, after training: write the task's deliverable (e.g. the encoder weights)."""
+    def export(self, run_dir: Path, trained: TrainedWeights) -> None:
+        """Rank 0 only, after training: write the task's deliverable (e.g. the encoder weights).
+
+        `trained` is what the engine ended with: the best validation checkpoint's weights (when there is
+        one) and how the run went; tasks never read checkpoints themselves.
+        """
         return None
 
     def batch_size_of(self, batch: Batch) -> int:

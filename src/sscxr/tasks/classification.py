@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from sscxr.config import DataConfig
 from sscxr.data.datasets import CachedDataset
-from sscxr.engine.checkpoint import load_checkpoint
 from sscxr.engine.config import OptimConfig, TrainConfig
 from sscxr.engine.schedule import apply_layer_decay
 from sscxr.errors import ConfigError
@@ -40,7 +39,7 @@ from sscxr.metrics.classification import MetricValue
 from sscxr.models.classifier import POOLS, ViTClassifier, export_classifier
 from sscxr.models.loading import Normalization
 from sscxr.models.vit import ViTConfig, build_vit
-from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
+from sscxr.tasks.base import Batch, StepOutput, Task, TrainedWeights, reduce_sum
 from sscxr.tasks.common import INIT_MODES, load_encoder_start, open_cache, resolve_init_path
 from sscxr.tasks.finetune_recipe import choose_recipe, validation_flags
 from sscxr.tasks.labels import TASKS, LabelTask, resolve_task, select_rows
@@ -185,33 +184,28 @@ class ClassificationTask(Task):
         self.accumulator.reset()
         self._val = _ValLoss()
 
-    def _restore_best(self, run_dir: Path) -> dict[str, Any]:
-        """Load `best.pt`'s weights (chosen on validation) if there is one; describe what is exported."""
-        best = run_dir / "checkpoints" / "best.pt"
-        if not best.is_file():
-            log.warning("no %s (no validation set or no train.best_metric): exporting the last weights", best)
+    def _restore_best(self, trained: TrainedWeights) -> dict[str, Any]:
+        """Load the best validation weights the engine hands over, if any; describe what is exported."""
+        if trained.best is None:
+            log.warning(
+                "no best checkpoint (no validation set or no train.best_metric): exporting the last weights"
+            )
             return {"weights": "last", "reason": "no best.pt"}
-        ckpt = load_checkpoint(best)
-        self.load_state_dict(ckpt["model"])
-        state, train_cfg = ckpt["state"], ckpt["config"].get("train", {})
+        self.load_state_dict(trained.best)
         return {
             "weights": "best",
-            "selected_by": train_cfg.get("best_metric"),
-            "mode": train_cfg.get("best_mode"),
-            "value": state.get("best_metric"),
-            "step": state.get("best_step"),
-            "epoch": int(state.get("epoch", 0)) - 1,
+            "selected_by": trained.metric,
+            "mode": trained.mode,
+            "value": trained.value,
+            "step": trained.step,
+            "epoch": trained.epoch,
             "split": self.export_info.get("splits", {}).get("val"),
         }
 
-    def _export_flags(self, run_dir: Path, chosen: dict[str, Any]) -> list[Flag]:
+    def _export_flags(self, trained: TrainedWeights, chosen: dict[str, Any]) -> list[Flag]:
         """The guards that need the finished run: optimiser steps taken, best validation value."""
-        last = run_dir / "checkpoints" / "last.pt"
-        if not last.is_file():
-            return []
-        ckpt = load_checkpoint(last)
-        flags = check_steps(int(ckpt["state"].get("step", 0)), MIN_STEPS)
-        name = ckpt["config"].get("train", {}).get("best_metric")
+        flags = check_steps(trained.steps, MIN_STEPS)
+        name = trained.metric
         val_counts = self.export_info.get("n_images", {}).get("val", {})
         if name and sum(val_counts.values()):  # no validation at all is flagged as small_validation
             chance = 0.5
@@ -221,15 +215,15 @@ class ClassificationTask(Task):
             flags += check_best_metric(name, value, chance)
         return flags
 
-    def export(self, run_dir: Path) -> None:
+    def export(self, run_dir: Path, trained: TrainedWeights) -> None:
         """Write `run_dir/model.safetensors` + `model.json` from the best validation checkpoint.
 
         The guard flags of the finished run (too few steps, a best validation AUC at or below
         chance) are logged as warnings and added to those raised while building, under "flags".
         """
         run_dir = Path(run_dir)
-        chosen = self._restore_best(run_dir)
-        late = self._export_flags(run_dir, chosen)
+        chosen = self._restore_best(trained)
+        late = self._export_flags(trained, chosen)
         for flag in late:
             log.warning("%s: %s", flag.code, flag.message)
         info = {

@@ -22,7 +22,7 @@ from sscxr.errors import ConfigError, DataError
 from sscxr.models.gmml import GMMLModel, default_recon_blocks, masked_l1_loss
 from sscxr.models.loading import Normalization, export_encoder
 from sscxr.models.vit import ViTConfig, build_vit
-from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
+from sscxr.tasks.base import Batch, StepOutput, Task, TrainedWeights, reduce_sum
 from sscxr.tasks.common import open_cache
 from sscxr.viz.recon import reconstruction_grid
 
@@ -122,7 +122,7 @@ class GMMLTask(Task):
             title=f"GMML reconstruction, epoch {epoch + 1}",
         )
 
-    def export(self, run_dir: Path) -> None:
+    def export(self, run_dir: Path, trained: TrainedWeights) -> None:
         extra = {"pretraining": "gmml", **self.extra_export}
         export_encoder(self.model.encoder, self.vit_cfg, self.normalization, Path(run_dir) / "encoder", extra)
 

@@ -24,13 +24,12 @@ from torch.utils.data import default_collate
 from sscxr.config import DataConfig
 from sscxr.data.cache import ImageCache
 from sscxr.data.datasets import CachedDataset
-from sscxr.engine.checkpoint import load_checkpoint
 from sscxr.engine.config import OptimConfig, TrainConfig
 from sscxr.errors import ConfigError, DataError
 from sscxr.models.loading import Normalization
 from sscxr.models.unetr import UNETR, SegmenterSpec, build_unetr, export_segmenter, lung_probability
 from sscxr.models.vit import ViTConfig
-from sscxr.tasks.base import Batch, StepOutput, Task, reduce_sum
+from sscxr.tasks.base import Batch, StepOutput, Task, TrainedWeights, reduce_sum
 from sscxr.tasks.common import INIT_MODES, load_encoder_start, open_cache
 from sscxr.utils import display_path
 from sscxr.viz.overlay import OverlayCase, overlay_figure
@@ -201,18 +200,16 @@ class SegmentationTask(Task):
         path = Path(run_dir) / "overlays" / f"epoch_{epoch + 1:03d}.png"
         overlay_figure([cases], path, title=f"validation, epoch {epoch + 1}")
 
-    def best_state(self, run_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
-        """The UNETR weights to export: `best.pt`'s when it exists, else the current ones."""
-        best = Path(run_dir) / "checkpoints" / "best.pt"
-        if best.is_file():
-            ckpt = load_checkpoint(best)
-            state = {k[len("model.") :]: v for k, v in ckpt["model"].items() if k.startswith("model.")}
-            step = ckpt.get("state", {}).get("best_step")
-            return state, f"checkpoints/best.pt (step {step})"
+    def best_state(self, trained: TrainedWeights) -> tuple[dict[str, torch.Tensor], str]:
+        """The UNETR weights to export: the best validation checkpoint's when there is one, else the
+        current ones."""
+        if trained.best is not None:
+            state = {k[len("model.") :]: v for k, v in trained.best.items() if k.startswith("model.")}
+            return state, f"checkpoints/best.pt (step {trained.step})"
         return {k: v.detach() for k, v in self.model.state_dict().items()}, "end of training"
 
-    def export(self, run_dir: Path) -> None:
-        state, source = self.best_state(run_dir)
+    def export(self, run_dir: Path, trained: TrainedWeights) -> None:
+        state, source = self.best_state(trained)
         extra = {**self.extra_export, "weights_from": source}
         export_segmenter(state, self.spec, Path(run_dir) / "model", extra)
 
