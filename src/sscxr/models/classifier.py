@@ -20,15 +20,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sscxr.errors import CheckpointError
-from sscxr.models.loading import Normalization, read_model_meta, read_safetensors
+from sscxr.models.loading import (
+    Normalization,
+    model_files,
+    read_model_meta,
+    read_safetensors,
+    write_model_files,
+)
 from sscxr.models.vit import ViTConfig, build_vit, infer_vit_arch, vit_config_from_dict
-from sscxr.utils import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "CLASSIFIER_FORMAT",
@@ -161,12 +165,7 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     """(weights, json) of a model given as a run folder, a bundle, either file, or their base name."""
     from sscxr.models.bundle import component_path
 
-    p = component_path(path, "classifier") or Path(path)
-    if p.is_dir():
-        p = p / "model"
-    elif p.suffix in (".safetensors", ".json"):
-        p = p.parent / p.stem
-    return p.parent / f"{p.name}.safetensors", p.parent / f"{p.name}.json"
+    return model_files(component_path(path, "classifier") or Path(path))
 
 
 def export_classifier(
@@ -184,10 +183,6 @@ def export_classifier(
     wrong = [k for k, v in arch.items() if getattr(vit_cfg, k) != v]
     if wrong:
         raise ValueError(f"vit_cfg does not describe the model's encoder: fields {wrong} differ")
-    weights, meta_path = _paths(path)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    blob = safetensors.torch.save(state, metadata={"format": CLASSIFIER_FORMAT})
-    atomic_write_bytes(weights, blob)
     norm = model.normalization
     meta: dict[str, Any] = {
         "format": CLASSIFIER_FORMAT,
@@ -204,8 +199,7 @@ def export_classifier(
         "input": "(B, 1, H, W) float intensities in [0, 1]; the model standardises them itself",
         **dict(extra or {}),
     }
-    atomic_write_json(meta_path, meta)
-    return weights, meta_path
+    return write_model_files(path, model.state_dict(), meta)
 
 
 def read_classifier_meta(path: str | Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,32 @@ def _with_suffix(base: Path, suffix: str) -> Path:
     return base.parent / (base.name + suffix)
 
 
+def model_files(path: str | Path) -> tuple[Path, Path]:
+    """(weights .safetensors, metadata .json) of a model given as a folder (its `model.*`), either
+    file, or their common base name: the one naming rule of every exported model."""
+    p = Path(path)
+    base = p / "model" if p.is_dir() else _base_path(p)
+    return _with_suffix(base, ".safetensors"), _with_suffix(base, ".json")
+
+
+def write_model_files(
+    path: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+) -> tuple[Path, Path]:
+    """The one writer of an exported model: `.safetensors` (tensors copied to contiguous CPU memory,
+    the format and version in its header) and then the `.json`, last, so that its presence means the
+    export is complete. `path` as `model_files` reads it; `meta` must hold "format" and "version".
+
+    Returns:
+        (weights path, metadata path).
+    """
+    weights, meta_path = model_files(path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    header = {"format": str(meta["format"]), "version": str(meta["version"])}
+    atomic_write_bytes(weights, safetensors.torch.save(tensors, metadata=header))
+    atomic_write_json(meta_path, dict(meta))
+    return weights, meta_path
+
+
 def _clean_key(key: str) -> str:
     """Drop wrapper prefixes: torch.compile's `_orig_mod.` anywhere, DDP's leading `module.`."""
     parts = [p for p in key.split(".") if p != "_orig_mod"]
@@ -123,11 +150,7 @@ def export_encoder(
         raise ValueError(
             f"vit_cfg does not describe the encoder: {_describe(wrong, vit_cfg.to_dict(), arch)}"
         )
-    base = _base_path(path)
-    state = {_clean_key(k): v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
-    weights, meta_path = _with_suffix(base, ".safetensors"), _with_suffix(base, ".json")
-    blob = safetensors.torch.save(state, metadata={"format": EXPORT_FORMAT, "version": str(EXPORT_VERSION)})
-    atomic_write_bytes(weights, blob)
+    state = {_clean_key(k): v for k, v in encoder.state_dict().items()}
     meta = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -135,8 +158,7 @@ def export_encoder(
         "normalization": asdict(norm),
         "extra": dict(extra or {}),
     }
-    atomic_write_json(meta_path, meta)
-    return weights, meta_path
+    return write_model_files(path, state, meta)
 
 
 def read_export_meta(path: str | Path) -> dict[str, Any] | None:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
@@ -30,9 +29,14 @@ from torch import nn
 
 from sscxr.engine.distributed import precision_autocast
 from sscxr.errors import CheckpointError
-from sscxr.models.loading import Normalization, read_model_meta, read_safetensors
+from sscxr.models.loading import (
+    Normalization,
+    model_files,
+    read_model_meta,
+    read_safetensors,
+    write_model_files,
+)
 from sscxr.models.vit import ViTConfig, build_vit, vit_config_from_dict
-from sscxr.utils import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "SEGMENTER_FORMAT",
@@ -296,12 +300,6 @@ def export_segmenter(
 
     The JSON is written last: its presence means the export is complete. Returns both paths.
     """
-    base = Path(path)
-    base = base.with_suffix("") if base.suffix in (".safetensors", ".json") else base
-    weights, meta_path = base.parent / f"{base.name}.safetensors", base.parent / f"{base.name}.json"
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    blob = safetensors.torch.save(tensors, metadata={"format": SEGMENTER_FORMAT})
-    atomic_write_bytes(weights, blob)
     meta = {
         "format": SEGMENTER_FORMAT,
         "version": SEGMENTER_VERSION,
@@ -309,18 +307,13 @@ def export_segmenter(
         "img_size": spec.vit.img_size,
         "extra": dict(extra or {}),
     }
-    atomic_write_json(meta_path, meta)
-    return weights, meta_path
+    return write_model_files(path, state, meta)
 
 
 def _segmenter_files(path: Path) -> tuple[Path, Path]:
     from sscxr.models.bundle import component_path
 
-    path = component_path(path, "segmenter") or path
-    if path.is_dir():
-        path = path / "model"
-    base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    return base.parent / f"{base.name}.safetensors", base.parent / f"{base.name}.json"
+    return model_files(component_path(path, "segmenter") or path)
 
 
 def load_segmenter(path: str | Path) -> Segmenter:
