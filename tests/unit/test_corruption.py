@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +173,34 @@ def test_bad_inputs_raise() -> None:
 def test_config_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CorruptionConfig(**kwargs)
+
+
+def test_blocks_are_groups_of_connected_patches_up_to_the_side_limit() -> None:
+    """One block alone (a target of one cell) is a filled rectangle whose sides are uniform in
+    [1, int(0.3 * grid side)] cells: group masking, not single-patch masking."""
+    grid = (16, 16)  # 256 px at patch 16: sides 1..4 cells
+    targets = torch.full((2000,), 1 / 256)
+    cells = grid_mask(targets, grid, 0.3, torch.Generator().manual_seed(0))
+    rows, cols = cells.any(dim=2), cells.any(dim=1)  # (B, 16): rows / columns the block touches
+    heights, widths = rows.sum(1), cols.sum(1)
+    # The mask is exactly its bounding box (one rectangle), and at most 4 x 4 cells.
+    assert torch.equal(cells.sum((1, 2)), heights * widths)
+    assert int(heights.max()) == int(widths.max()) == 4
+    # Sides uniform in 1..4: blocks clipped at the border are a little shorter, so compare loosely.
+    for counts in (torch.bincount(heights, minlength=5)[1:], torch.bincount(widths, minlength=5)[1:]):
+        share = counts.double() / counts.sum()
+        assert float(share.min()) > 0.15 and float(share[0]) < 0.4
+    assert float((heights * widths).double().mean()) > 5.0  # (2.5 x 2.5) = 6.25 without clipping
+
+
+def test_corrupted_regions_at_the_papers_ratios_are_large_connected_groups() -> None:
+    """At the 0.35 replace target, the corrupted cells form few large 4-connected regions; single
+    patches placed at random to the same area would form many small ones."""
+    from scipy import ndimage
+
+    gen = torch.Generator().manual_seed(1)
+    cells = grid_mask(torch.full((200,), 0.35), (16, 16), 0.3, gen)
+    sizes = [np.bincount(ndimage.label(m.numpy())[0].ravel())[1:].mean() for m in cells]
+    scattered = torch.rand(200, 16, 16, generator=gen) < 0.35  # same density, single patches
+    scattered_sizes = [np.bincount(ndimage.label(m.numpy())[0].ravel())[1:].mean() for m in scattered]
+    assert np.mean(sizes) > 3 * np.mean(scattered_sizes)

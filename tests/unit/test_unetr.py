@@ -199,3 +199,29 @@ def test_export_load_round_trip(tmp_path: Path) -> None:
     assert seg.probabilities(torch.rand(1, 1, 50, 40)).shape == (1, 50, 40)  # resized in and out
     with pytest.raises(CheckpointError, match="no segmenter export"):
         load_segmenter(tmp_path / "missing")
+
+
+def test_skip_features_are_the_outputs_of_the_named_blocks() -> None:
+    """Each skip is the token grid after block `blocks[k]` (1-based), the deepest one after the final
+    norm: computed here block by block, by hand, so a skip taken one block early or late fails."""
+    model = _unetr().eval()
+    enc = model.encoder
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        feats = model.encode(x)
+        tokens = enc.norm_pre(enc.patch_drop(enc._pos_embed(enc.patch_embed(x))))
+        after = []
+        for block in enc.blocks:
+            tokens = block(tokens)
+            after.append(tokens)
+    grid = (32 // TINY.patch_size, 32 // TINY.patch_size)
+
+    def as_grid(t: torch.Tensor) -> torch.Tensor:
+        return t[:, enc.num_prefix_tokens :].transpose(1, 2).reshape(2, -1, *grid)
+
+    assert len(feats) == len(model.blocks)
+    for feat, block in zip(feats[:-1], model.blocks[:-1], strict=True):
+        torch.testing.assert_close(feat, as_grid(after[block - 1]))
+    torch.testing.assert_close(feats[-1], as_grid(enc.norm(after[model.blocks[-1] - 1])))
+    # The blocks are distinct: a neighbouring block's output is not the same tensor.
+    assert not torch.allclose(feats[0], as_grid(after[model.blocks[0]]))
