@@ -194,11 +194,32 @@ def test_export_load_round_trip(tmp_path: Path) -> None:
     assert seg.spec == spec and seg.meta["extra"] == {"note": "x"} and seg.meta["img_size"] == 32
     images = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
-        expected = lung_probability(model((images - NORM.mean) / NORM.std))
+        expected = lung_probability(model(images))
     assert torch.allclose(seg.probabilities(images, precision="fp32"), expected, atol=1e-6)
     assert seg.probabilities(torch.rand(1, 1, 50, 40)).shape == (1, 50, 40)  # resized in and out
     with pytest.raises(CheckpointError, match="no segmenter export"):
         load_segmenter(tmp_path / "missing")
+    # An export written before the model carried its standardisation (no norm buffers) loads with
+    # model.json's normalization and gives the same masks.
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("norm_")}
+    export_segmenter(old, spec, tmp_path / "old" / "model")
+    assert torch.equal(load_segmenter(tmp_path / "old").probabilities(images, precision="fp32"),
+                       seg.probabilities(images, precision="fp32"))  # fmt: skip
+
+
+def test_the_model_takes_zero_one_images_and_standardises_them_itself() -> None:
+    """Outputs on [0, 1] input equal what the network gave before it carried the standardisation:
+    the same weights fed (x - mean) / std with an identity standardisation."""
+    spec = SegmenterSpec(vit=TINY, normalization=NORM, feature_size=4, fit="stretch", threshold=0.5)
+    torch.manual_seed(0)
+    model = build_unetr(spec).eval()
+    before = build_unetr(spec).eval()
+    before.load_state_dict(model.state_dict())
+    before.set_normalization(Normalization(mean=0.0, std=1.0))
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before((x - NORM.mean) / NORM.std))
+    assert float(model.norm_mean) == NORM.mean and float(model.norm_std) == NORM.std
 
 
 def test_skip_features_are_the_outputs_of_the_named_blocks() -> None:

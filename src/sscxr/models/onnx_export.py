@@ -52,16 +52,17 @@ class _ClassifierGraph(nn.Module):
 
 
 class _SegmenterGraph(nn.Module):
-    """The segmenter as exported: [0, 1] images at the model's size -> lung probability (B, S, S)."""
+    """The segmenter as exported: [0, 1] images at the model's size -> lung probability (B, S, S)
+    (the UNETR standardises them itself)."""
 
-    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model, self.mean, self.std = model, mean, std
+        self.model = model
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         from sscxr.models.unetr import lung_probability
 
-        return lung_probability(self.model((image - self.mean) / self.std))
+        return lung_probability(self.model(image))
 
 
 def _export(graph: nn.Module, example: torch.Tensor, path: Path, outputs: list[str]) -> None:
@@ -167,8 +168,7 @@ def export_onnx(
     if segmenter is not None:
         seg = load_segmenter(segmenter)
         size = seg.spec.vit.img_size
-        norm = seg.spec.normalization
-        sgraph = _SegmenterGraph(seg.model.eval(), float(norm.mean), float(norm.std))
+        sgraph = _SegmenterGraph(seg.model.eval())
         x = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
         _export(sgraph, x[:2], out / "segmenter.onnx", ["lung_probability"])
         atomic_write_json(out / "segmenter.json", seg.meta)

@@ -106,6 +106,8 @@ class UNETR(nn.Module):
             None = `skip_blocks(depth, log2(patch))`.
         norm_name: normalisation of the decoder's convolutions ("instance", "batch", ...; MONAI names).
         res_block: residual convolution blocks (MONAI's UNETR default).
+        normalization: the intensity standardisation the encoder expects, kept as buffers and applied
+            in `forward`, so the model takes [0, 1] images like every sscxr model; None = identity.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class UNETR(nn.Module):
         blocks: Sequence[int] | None = None,
         norm_name: str = "instance",
         res_block: bool = True,
+        normalization: Normalization | None = None,
     ) -> None:
         super().__init__()
         if out_channels < 1 or feature_size < 1:
@@ -138,6 +141,15 @@ class UNETR(nn.Module):
         self.encoder = encoder
         self.out_channels, self.feature_size = out_channels, feature_size
         self._build_decoder(int(encoder.embed_dim), norm_name, res_block)
+        norm = normalization or Normalization(mean=0.0, std=1.0)
+        self.register_buffer("norm_mean", torch.tensor(float(norm.mean), dtype=torch.float64))
+        self.register_buffer("norm_std", torch.tensor(float(norm.std), dtype=torch.float64))
+
+    def set_normalization(self, norm: Normalization) -> None:
+        """Replace the standardisation (e.g. with a pre-trained encoder's, after loading its weights)."""
+        with torch.no_grad():
+            self.norm_mean.fill_(float(norm.mean))
+            self.norm_std.fill_(float(norm.std))
 
     def _build_decoder(self, hidden: int, norm: str, res: bool) -> None:
         fs, levels = self.feature_size, self.levels
@@ -203,7 +215,7 @@ class UNETR(nn.Module):
         """Segment a batch.
 
         Args:
-            x: (B, C, H, W) standardised images, (H, W) = the encoder's img_size.
+            x: (B, C, H, W) intensities in [0, 1] (standardised here), (H, W) = the encoder's img_size.
 
         Returns:
             (B, out_channels, H, W) logits.
@@ -213,6 +225,7 @@ class UNETR(nn.Module):
                 f"expected input (B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}), "
                 f"got {tuple(x.shape)}; resize images to the model's img_size first"
             )
+        x = (x - self.norm_mean) / self.norm_std
         feats = self.encode(x)
         skips = [self.stem(x)] + [up(f) for up, f in zip(self.skips, feats[:-1], strict=True)]
         y = feats[-1]
@@ -290,6 +303,7 @@ def build_unetr(spec: SegmenterSpec) -> UNETR:
         spec.blocks or None,
         spec.norm_name,
         spec.res_block,
+        spec.normalization,
     )
 
 
@@ -334,9 +348,12 @@ def load_segmenter(path: str | Path) -> Segmenter:
     model = build_unetr(spec)
     state = read_safetensors(weights)
     result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    # Exports written before the model carried its standardisation lack the two buffers: build_unetr
+    # filled them from model.json's normalization, which is what those models were trained with.
+    missing = [k for k in result.missing_keys if k not in ("norm_mean", "norm_std")]
+    if missing or result.unexpected_keys:
         raise CheckpointError(
-            f"{weights}: does not fit the model of {meta_path.name}: missing {result.missing_keys[:5]}, "
+            f"{weights}: does not fit the model of {meta_path.name}: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
     return Segmenter(model.eval(), spec, meta)
@@ -378,9 +395,7 @@ class Segmenter:
         hw = tuple(x.shape[-2:])
         if hw != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        norm = self.spec.normalization
-        x = (x - norm.mean) / norm.std
-        with precision_autocast(self.device, precision):
+        with precision_autocast(self.device, precision):  # the model standardises itself
             prob = lung_probability(self.model(x))
         if hw != (size, size):
             prob = F.interpolate(prob[:, None], size=hw, mode="bilinear", align_corners=False)[:, 0]

@@ -127,7 +127,7 @@ class SegmentationTask(Task):
         model: the UNETR.
         spec: its export description (architecture, normalisation, fit, threshold).
         loss_weights: (lambda_dice, lambda_ce).
-        vis_batch: fixed unaugmented samples ("image" standardised (N, 1, H, W), "mask") for overlays.
+        vis_batch: fixed unaugmented samples ("image" (N, 1, H, W) in [0, 1], "mask") for overlays.
         vis_every: draw them after the first epoch and every `vis_every` epochs.
         extra_export: provenance stored in `model.json` (init report, cache, manifest hash).
     """
@@ -189,8 +189,7 @@ class SegmentationTask(Task):
         device = next(self.parameters()).device
         prob = lung_probability(self.model(self.vis_batch["image"].to(device))).cpu()
         self.train(was_training)
-        norm = self.spec.normalization
-        images = (self.vis_batch["image"][:, 0] * norm.std + norm.mean).clamp(0, 1).numpy()
+        images = self.vis_batch["image"][:, 0].numpy()
         gts = self.vis_batch["mask"][:, 0].numpy() > 0.5
         preds = (prob > self.spec.threshold).numpy()
         cases = []
@@ -267,13 +266,14 @@ def _no_masks_message(cache: ImageCache, split: str) -> str:
 
 
 def _datasets(
-    cfg: SegmentConfig, cache: ImageCache, norm: Normalization, seed: int
+    cfg: SegmentConfig, cache: ImageCache, seed: int
 ) -> tuple[CachedDataset, CachedDataset | None, Batch | None]:
-    """(train set (augmented, paired geometry), val set or None, fixed overlay batch or None)."""
+    """(train set (augmented, paired geometry), val set or None, fixed overlay batch or None); images
+    in [0, 1]: the UNETR standardises them itself."""
     train_idx, val_idx = _mask_indices(cache, cfg.data.train_split), _mask_indices(cache, cfg.data.val_split)
     if train_idx.size == 0:
         raise DataError(_no_masks_message(cache, cfg.data.train_split))
-    kw: dict[str, Any] = {"seed": seed, "with_mask": True, "normalize": (norm.mean, norm.std)}
+    kw: dict[str, Any] = {"seed": seed, "with_mask": True}
     train_set = CachedDataset(cache, train_idx, augment=cfg.data.augment, **kw)
     val_set = CachedDataset(cache, val_idx, **kw) if val_idx.size else None
     if val_set is None:
@@ -303,7 +303,8 @@ def build_segmentation(
     model = build_unetr(spec)
     init = init_encoder(model, s.init, s.init_path, spec.normalization)
     spec = replace(spec, normalization=Normalization(**init["normalization"]), blocks=model.blocks)
-    train_set, val_set, vis = _datasets(cfg, cache, spec.normalization, seed)
+    model.set_normalization(spec.normalization)  # a pre-trained encoder's, when it brought one
+    train_set, val_set, vis = _datasets(cfg, cache, seed)
     extra = {
         "init": init,
         "cache": display_path(cfg.data.cache),
