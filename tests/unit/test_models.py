@@ -182,3 +182,25 @@ def test_masked_l1_empty_mask_is_zero_not_nan() -> None:
     loss = masked_l1_loss(pred, torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4, dtype=torch.bool))
     loss.backward()
     assert float(loss.detach()) == 0.0 and pred.grad is not None and bool((pred.grad == 0).all())
+
+
+def test_gmml_task_under_bf16_divides_by_the_exact_masked_count() -> None:
+    """257 masked pixels: bf16 (8 mantissa bits) cannot hold 257, so a denominator summed in the
+    model's dtype would divide by 256; the loss must use the exact count, with a finite value."""
+    from sscxr.models.loading import Normalization
+    from sscxr.tasks.gmml import GMMLTask
+
+    task = GMMLTask(_model(), TINY, Normalization(mean=0.5, std=0.25))
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 1, 32, 32, generator=g)
+    mask = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    mask.view(-1)[torch.randperm(mask.numel(), generator=g)[:257]] = True
+    batch = {"image": image, "corrupted": torch.where(mask, torch.randn(2, 1, 32, 32, generator=g), image),
+             "mask": mask}  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = task.training_step(batch)
+        pred = task.model(batch["corrupted"])
+    assert pred.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    expected = (pred.float() - image).abs()[mask].sum() / 257
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
+    assert not torch.isclose(out.loss, (pred.float() - image).abs()[mask].sum() / 256, rtol=1e-6, atol=0)
