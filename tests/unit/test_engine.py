@@ -367,3 +367,49 @@ def test_a_folder_holding_another_run_is_refused_unless_forced(tmp_path: Path) -
     result = run(2e-2, force=True)
     assert result.state.step == 2  # started over: 8 samples / batch 4, one epoch
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == lines  # only this run's records
+
+
+@pytest.mark.parametrize(("fp32_s", "bf16_s", "want"), [(1.0, 0.5, torch.bfloat16), (1.0, 0.95, None)])
+def test_amp_auto_on_cpu_follows_the_measurement(
+    monkeypatch: pytest.MonkeyPatch, fp32_s: float, bf16_s: float, want: torch.dtype | None
+) -> None:
+    from sscxr.engine import distributed
+
+    monkeypatch.setattr(distributed, "cpu_precision_timings", lambda: (fp32_s, bf16_s))
+    assert resolve_amp("auto", torch.device("cpu")) is want
+    with distributed.precision_autocast(torch.device("cpu"), "auto") as ctx:
+        assert torch.is_autocast_enabled("cpu") is (want is not None)
+    assert ctx is not None
+    assert resolve_amp("off", torch.device("cpu")) is None  # an explicit choice is never measured
+
+
+def test_the_precision_probe_is_quick_and_leaves_the_global_rng_alone() -> None:
+    from sscxr.engine.distributed import cpu_precision_timings
+
+    cpu_precision_timings.cache_clear()
+    before = torch.random.get_rng_state()
+    fp32_s, bf16_s = cpu_precision_timings()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert 0 < fp32_s < 5 and 0 < bf16_s < 5
+    assert cpu_precision_timings() == (fp32_s, bf16_s)  # measured once per process
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """amp auto measured bf16 when the run started and float32 when it resumed: the resumed run keeps
+    bf16 and ends bit for bit where an uninterrupted bf16 run ends."""
+    from sscxr.engine import distributed
+
+    monkeypatch.setattr(distributed, "cpu_precision_timings", lambda: (1.0, 0.5))
+    torch.manual_seed(0)
+    straight = ToyTask()
+    _fit(tmp_path / "straight", straight, amp="auto")
+    torch.manual_seed(0)
+    _fit(tmp_path / "split", ToyTask(), amp="auto", max_steps=7, checkpoint_every=3)
+    monkeypatch.setattr(distributed, "cpu_precision_timings", lambda: (1.0, 1.0))  # now "float32"
+    torch.manual_seed(1234)
+    resumed = ToyTask()
+    result = _fit(tmp_path / "split", resumed, amp="auto", resume="auto")
+    assert result.state.amp == "bf16"
+    _assert_equal(_weights(straight), _weights(resumed))

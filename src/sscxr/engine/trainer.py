@@ -37,7 +37,15 @@ from sscxr.engine.checkpoint import (
     save_checkpoint,
 )
 from sscxr.engine.config import OptimConfig, TrainConfig
-from sscxr.engine.distributed import DistInfo, all_true, autocast, barrier, resolve_amp, to_device
+from sscxr.engine.distributed import (
+    DistInfo,
+    all_true,
+    autocast,
+    barrier,
+    gather_objects,
+    resolve_amp,
+    to_device,
+)
 from sscxr.engine.logging import MetricsLogger, StepMeter
 from sscxr.engine.sampler import ShardedSampler, build_eval_loader, build_loader
 from sscxr.engine.schedule import (
@@ -56,6 +64,7 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_NONFINITE = 5
 Collate = Callable[[list[Any]], Any]
 _AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_AMP_DTYPES = {name: dtype for dtype, name in _AMP_NAMES.items()}
 
 
 class NonFiniteLossError(SSCXRError):
@@ -75,6 +84,8 @@ class TrainState:
         bad_epochs: validations since the last improvement (early stopping).
         nonfinite_steps: skipped updates in total.
         world_size: processes that wrote the state (to translate `sample_in_epoch` on resume).
+        amp: the precision the run trains in ("off", "bf16", "fp16"); with `train.amp: auto` it is
+            measured on CPUs, and a resumed run keeps the one it started with (exact resume).
     """
 
     epoch: int = 0
@@ -85,6 +96,7 @@ class TrainState:
     bad_epochs: int = 0
     nonfinite_steps: int = 0
     world_size: int = 1
+    amp: str = ""
 
 
 @dataclass
@@ -239,10 +251,11 @@ class _Loop:
         self.lr_at, self.wd_at = build_schedules(ocfg, lr, self.steps_per_epoch, self.epochs)
         self.optimizer, self.wd_mults = build_optimizer(self.task, ocfg, lr, dist.device)
         self.clip = ocfg.clip_grad
-        self.amp_dtype = resolve_amp(tcfg.amp, dist.device)
+        # Rank 0's choice for every rank: a measured choice (CPU, amp auto) could differ between ranks.
+        self.amp_dtype = gather_objects(resolve_amp(tcfg.amp, dist.device))[0]
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
         self._wrap_model()
-        self.state = TrainState(world_size=dist.world_size)
+        self.state = TrainState(world_size=dist.world_size, amp=_AMP_NAMES[self.amp_dtype])
         self.metrics = MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=tcfg.tensorboard)
         self.meter = StepMeter()
         self._bad_run = 0
@@ -283,6 +296,14 @@ class _Loop:
         )
         known = {f.name for f in dataclasses.fields(TrainState)}
         self.state = TrainState(**{k: v for k, v in saved.items() if k in known})
+        started = self.state.amp
+        if self.tcfg.amp == "auto" and started in _AMP_DTYPES and _AMP_DTYPES[started] != self.amp_dtype:
+            log.info(
+                "amp auto: keeping %s, the precision this run started with (measured now: %s)",
+                started, _AMP_NAMES[self.amp_dtype],
+            )  # fmt: skip
+            self.amp_dtype = _AMP_DTYPES[started]
+        self.state.amp = _AMP_NAMES[self.amp_dtype]
         log.info("resumed from %s: epoch %d, step %d", path, self.state.epoch, self.state.step)
 
     def run(self) -> FitResult:
