@@ -26,8 +26,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--split", type=int, default=0, help="stop after this many steps, then resume")
+    p.add_argument(
+        "--own-folders", action="store_true", help="each rank r > 0 uses OUT/rank<r>: no shared --out"
+    )
     args = p.parse_args()
     dist = init_distributed("cpu")
+    if args.own_folders and dist.rank > 0:
+        args.out = args.out / f"rank{dist.rank}"
     try:
         torch.manual_seed(0)
         task = ToyTask(dropout=0.0)
@@ -50,6 +55,9 @@ def main() -> None:
             torch.manual_seed(99 + dist.rank)  # a "restarted" job: other init, other RNG
             task = ToyTask(dropout=0.0)
         fit(task, train, val, tcfg, ocfg, args.out, dist, None, resume="auto")
+        # Every rank keeps its final weights: they must be identical.
+        args.out.mkdir(parents=True, exist_ok=True)
+        torch.save(task.state_dict(), args.out / f"weights_rank{dist.rank}.pt")
         if dist.is_main:
             final = [r["metrics"] for r in read_metrics(args.out) if r["split"] == "val"][-1]
             torch.save(

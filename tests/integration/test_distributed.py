@@ -63,3 +63,30 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     assert two["final"]["val/count"] == 7.0
     assert one["final"]["val/mse"] < one["before"]["mse"]  # it did train
     assert two["final"]["val/mse"] == pytest.approx(one["final"]["val/mse"], rel=1e-4)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+def test_resume_without_a_shared_out_folder(tmp_path: Path) -> None:
+    """Each rank has its own --out and only rank 0's holds the checkpoint (nodes without a shared
+    disk): after the restart every rank resumes from rank 0's state and ends with the weights of an
+    uninterrupted single-process run."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _run([sys.executable, str(SCRIPT), "--out", str(single), "--batch", "8"])
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+    ]
+    _run([*launch, str(SCRIPT), "--out", str(multi), "--batch", "4", "--split", "3", "--own-folders"])
+    assert not (multi / "rank1" / "checkpoints").exists()  # rank 1 never had a checkpoint of its own
+    one = torch.load(single / "result.pt", weights_only=True)["weights"]
+    ranks = [
+        torch.load(f, weights_only=True)
+        for f in (multi / "weights_rank0.pt", multi / "rank1" / "weights_rank1.pt")
+    ]
+    for name, value in one.items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(ranks[0][name], value, atol=1e-5, rtol=1e-5, msg=name)

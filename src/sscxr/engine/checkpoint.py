@@ -95,7 +95,7 @@ def gather_rng_state(world_size: int) -> dict[str, Any]:
 
 
 def resume_training(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Mapping[str, Any],
     task: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
@@ -106,7 +106,8 @@ def resume_training(
     """Restore model, optimiser, scaler and this rank's RNG from `path`; return the saved progress.
 
     Args:
-        path: the checkpoint.
+        path: the checkpoint file, or its content already read (`load_checkpoint`; in multi-process
+            runs rank 0 reads it and sends it to every rank, whose own folders need not hold it).
         task, optimizer, scaler: built exactly as for the run that wrote it.
         rank, world_size: this process.
         global_batch: samples per optimiser step over all ranks now.
@@ -119,7 +120,8 @@ def resume_training(
         CheckpointError: unreadable file, one written for another model / optimiser layout, or a
             mid-epoch stop that is not a whole number of this run's global batches.
     """
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = load_checkpoint(path, map_location="cpu") if not isinstance(path, Mapping) else path
+    path = ckpt.get("path", "the checkpoint") if isinstance(path, Mapping) else path
     try:
         unwrap(task).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -143,6 +143,16 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` (picklable) on every rank; `obj` itself in a single process. Only data the
+    processes of this run made travel this way (never a file's content unpickled)."""
+    if not (_is_initialized() and tdist.get_world_size() > 1):
+        return obj
+    box = [obj if tdist.get_rank() == 0 else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for `train.amp` on `device` (None = full precision)."""
     if mode == "off":

@@ -42,6 +42,7 @@ from sscxr.engine.distributed import (
     all_true,
     autocast,
     barrier,
+    broadcast_object,
     gather_objects,
     resolve_amp,
     to_device,
@@ -148,9 +149,7 @@ def fit(
     if config_dict is None:
         config_dict = {"train": train_cfg, "optim": optim_cfg}
     config = plain_config(config_dict)
-    resume_from = None if force else resolve_resume(run_dir, resume)
-    if not force:  # every rank decides alike: they read the same folder
-        check_run_folder(run_dir, config, resume_from)
+    resume_from, saved = _agree_on_resume(run_dir, config, resume, force, dist)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if force:
@@ -158,8 +157,41 @@ def fit(
         remove_stale_temp_files(run_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     loop = _Loop(task, train_set, val_set, train_cfg, optim_cfg, run_dir, dist, config, collate_fn)
-    loop.restore(resume_from)
+    loop.restore(resume_from, saved)
     return loop.run()
+
+
+def _agree_on_resume(
+    run_dir: Path, config: dict[str, Any], resume: str | os.PathLike[str] | bool, force: bool, dist: DistInfo
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """Rank 0 decides whether and from what to resume, reads the checkpoint and sends it to every rank.
+
+    The other ranks never look at their own `--out`: nodes without a shared file system resume from rank
+    0's checkpoint like the rest (DDP needs every rank at the same step with the same weights), and a
+    refusal (another run's folder, a damaged checkpoint) is raised on every rank rather than leaving the
+    others waiting at a collective.
+
+    Returns:
+        (the checkpoint's path on rank 0, its content) or (None, None) for a fresh start.
+    """
+    outcome: tuple[Path | None, dict[str, Any] | None, Exception | None] = (None, None, None)
+    if dist.is_main:
+        try:
+            path = None if force else resolve_resume(run_dir, resume)
+            if not force:
+                check_run_folder(run_dir, config, path)
+            ckpt = load_checkpoint(path) if path is not None else None
+            outcome = (path, ckpt, None)
+        except SSCXRError as err:
+            outcome = (None, None, err)
+    if dist.world_size > 1:
+        local = find_resume_checkpoint(run_dir)
+        outcome = broadcast_object(outcome)
+        if outcome[0] is not None and local is None:
+            log.info("resuming from rank 0's checkpoint %s (this rank's --out does not hold it)", outcome[0])
+    if outcome[2] is not None:
+        raise outcome[2]
+    return outcome[0], outcome[1]
 
 
 @torch.no_grad()
@@ -286,13 +318,15 @@ class _Loop:
         if self.tcfg.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
 
-    def restore(self, path: Path | None) -> None:
-        """Load model, optimiser, scaler, progress and RNG from a checkpoint (no-op for None)."""
+    def restore(self, path: Path | None, ckpt: dict[str, Any] | None = None) -> None:
+        """Load model, optimiser, scaler, progress and RNG from a checkpoint (no-op for None): its
+        content when rank 0 read it for every rank, else the file."""
         if path is None:
             return
         d = self.dist
+        source: Any = {**ckpt, "path": str(path)} if ckpt is not None else path
         saved = resume_training(
-            path, self.task, self.optimizer, self.scaler, d.rank, d.world_size, self.global_batch
+            source, self.task, self.optimizer, self.scaler, d.rank, d.world_size, self.global_batch
         )
         known = {f.name for f in dataclasses.fields(TrainState)}
         self.state = TrainState(**{k: v for k, v in saved.items() if k in known})
