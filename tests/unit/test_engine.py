@@ -413,3 +413,27 @@ def test_a_resumed_run_keeps_the_precision_it_started_with(
     result = _fit(tmp_path / "split", resumed, amp="auto", resume="auto")
     assert result.state.amp == "bf16"
     _assert_equal(_weights(straight), _weights(resumed))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path: Path) -> None:
+    """`train.compile=true` runs (torch.compile on the CPU) and trains the weights eager training gives."""
+    pytest.importorskip("torch._inductor")
+    torch.manual_seed(0)
+    eager = ToyTask(dropout=0.0)
+    _fit(tmp_path / "eager", eager, epochs=1)
+    torch.manual_seed(0)
+    compiled = ToyTask(dropout=0.0)
+    result = _fit(tmp_path / "compiled", compiled, epochs=1, compile=True)
+    assert result.state.step == 10
+    for name, value in _weights(eager).items():
+        torch.testing.assert_close(_weights(compiled)[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_precision_probe_runs_inside_inference_and_no_grad_contexts() -> None:
+    from sscxr.engine.distributed import cpu_precision_timings
+
+    for context in (torch.no_grad, torch.inference_mode):
+        cpu_precision_timings.cache_clear()
+        with context():
+            assert min(cpu_precision_timings()) > 0

@@ -194,6 +194,11 @@ def cpu_precision_timings() -> tuple[float, float]:
     probes mislead). The global RNG is left
     untouched (the block's initialisation draws from a forked one), so measuring never changes a run.
     """
+    with torch.inference_mode(False), torch.enable_grad():  # also when asked from an inference path
+        return _time_precisions()
+
+
+def _time_precisions() -> tuple[float, float]:
     from timm.models.vision_transformer import Block
 
     with torch.random.fork_rng(devices=[]):

@@ -313,7 +313,10 @@ class _Loop:
         self.model: nn.Module = self.task
         if self.dist.world_size > 1:
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
+            # Gradients as views of the all-reduce buckets: no second copy of every gradient.
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.task, device_ids=ids, gradient_as_bucket_view=True
+            )
             self.model = self.ddp
         if self.tcfg.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
