@@ -27,7 +27,7 @@ from sscxr.data.io import read_xray
 from sscxr.engine.distributed import precision_autocast, resolve_device
 from sscxr.errors import ConfigError, SSCXRError
 from sscxr.evaluation.inputs import collect_inputs
-from sscxr.evaluation.predict import _to_probs
+from sscxr.evaluation.predict import logits_to_probs
 from sscxr.models.attention import (
     attention_rollout,
     capture_attention,
@@ -40,6 +40,8 @@ from sscxr.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 __all__ = [
     "FileResult",
     "PredictOptions",
+    "attention_on_image",
+    "decide_class",
     "decision_threshold",
     "explain_files",
     "frame_image",
@@ -139,7 +141,9 @@ def _default_rule(meta: Mapping[str, Any]) -> str:
     return str(meta.get("decision_threshold", "default"))
 
 
-def _decide(probs: np.ndarray, class_names: Sequence[str], threshold: float | None) -> str:
+def decide_class(probs: np.ndarray, class_names: Sequence[str], threshold: float | None) -> str:
+    """The predicted class of (C,) probabilities: the positive class (index 1) when its probability
+    reaches `threshold`, else the other; arg-max when `threshold` is None (3+ classes)."""
     if threshold is None:
         return str(class_names[int(np.argmax(probs))])
     return str(class_names[1] if probs[1] >= threshold else class_names[0])
@@ -202,7 +206,7 @@ def _run(
                     logits = model(x)
             else:
                 logits, maps = model(x), None
-        probs = _to_probs(logits, len(meta["class_names"])).cpu().double().numpy()
+        probs = logits_to_probs(logits, len(meta["class_names"])).cpu().double().numpy()
         bar.update(len(chunk))
         yield chunk, probs, maps
     bar.close()
@@ -213,9 +217,8 @@ def _result(
 ) -> FileResult:
     if probs is None or item.image is None:
         return FileResult(str(item.src), error=item.error)
-    return FileResult(
-        str(item.src), probs, _decide(probs, meta["class_names"], threshold), shape=tuple(item.image.shape)
-    )
+    predicted = decide_class(probs, meta["class_names"], threshold)
+    return FileResult(str(item.src), probs, predicted, shape=tuple(item.image.shape))
 
 
 def predict_files(
@@ -242,7 +245,7 @@ def predict_files(
     Returns:
         One `FileResult` per input, in input order (unreadable files included, with their reason).
     """
-    from sscxr.evaluation.segmentation import _png, predict_mask
+    from sscxr.evaluation.segmentation import mask_png, predict_mask
 
     o, out = options or PredictOptions(), Path(out_dir)
     threshold = decision_threshold(meta, o.threshold)
@@ -256,7 +259,7 @@ def predict_files(
             res = _result(item, row_probs, meta, threshold)
             if segmenter is not None and item.image is not None:
                 mask = predict_mask(segmenter, item.image, postprocess)
-                atomic_write_bytes(out / "masks" / item.rel, _png(mask))
+                atomic_write_bytes(out / "masks" / item.rel, mask_png(mask))
                 res.extra.update(mask=str(Path("masks") / item.rel), lung_fraction=float(mask.mean()))
             results.append(res)
     _write_tables(results, meta, threshold, out, o, "predictions")
@@ -341,7 +344,7 @@ def explain_files(
                 continue
             res = _result(item, probs[k], meta, threshold)
             heat = {
-                name: _to_image(w[k : k + 1], grid, item.image.shape, meta)
+                name: attention_on_image(w[k : k + 1], grid, item.image.shape, meta)
                 for name, w in (("last_block", last), ("rollout", roll))
             }
             k += 1
@@ -358,7 +361,7 @@ def explain_files(
     return results
 
 
-def _to_image(
+def attention_on_image(
     weights: torch.Tensor, grid: tuple[int, int], shape: tuple[int, int], meta: Mapping[str, Any]
 ) -> np.ndarray:
     """(1, N) patch weights as an (H, W) map in [0, 1] over the original image (letterbox removed)."""

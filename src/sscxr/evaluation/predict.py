@@ -32,6 +32,7 @@ __all__ = [
     "Targets",
     "class_targets",
     "label_map_of",
+    "logits_to_probs",
     "open_split",
     "parse_split_spec",
     "predict",
@@ -141,7 +142,7 @@ def _batches(
         yield (x if norm is None else (x - norm[0]) / norm[1])[:, None]
 
 
-def _to_probs(logits: torch.Tensor, n_classes: int) -> torch.Tensor:
+def logits_to_probs(logits: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Softmax of (B, C) logits; a single logit column is read as P(class 1) through a sigmoid."""
     logits = logits.float()
     if logits.ndim != 2 or logits.shape[1] not in (1, n_classes):
@@ -213,7 +214,7 @@ def predict(
             x = x.to(dev, non_blocking=True)
             if size != cache.size:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            out[done : done + len(x)] = _to_probs(model(x), n_classes).cpu().double().numpy()
+            out[done : done + len(x)] = logits_to_probs(model(x), n_classes).cpu().double().numpy()
             done += len(x)
             bar.update(len(x))
     bar.close()

@@ -259,7 +259,7 @@ def predict_mask(segmenter: Segmenter, image: np.ndarray, postprocess: bool = Fa
     return postprocess_lungs(mask) if postprocess else mask
 
 
-def _png(mask: np.ndarray) -> bytes:
+def mask_png(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
     return buf.getvalue()
@@ -287,7 +287,7 @@ def predict_files(
             log.warning("%s: skipped (%s)", src, e)
             result.failures.append((src, str(e)))
             continue
-        atomic_write_bytes(out / rel, _png(mask))
+        atomic_write_bytes(out / rel, mask_png(mask))
         result.written.append((src, out / rel))
         lines.append([str(src), str(rel), str(mask.shape[0]), str(mask.shape[1]), f"{mask.mean():.4f}"])
     atomic_write_text(out / "predictions.csv", _rows_csv(lines))

@@ -46,8 +46,8 @@ from sscxr import __version__
 from sscxr.data.io import IMAGE_SUFFIXES, XRay, XRayReadError, read_xray
 from sscxr.engine.distributed import precision_autocast, resolve_device
 from sscxr.errors import SSCXRError
-from sscxr.evaluation.files import _decide, _to_image, decision_threshold, frame_image
-from sscxr.evaluation.predict import _to_probs
+from sscxr.evaluation.files import attention_on_image, decide_class, decision_threshold, frame_image
+from sscxr.evaluation.predict import logits_to_probs
 from sscxr.models.attention import attention_rollout, capture_attention, last_block_attention
 from sscxr.models.classifier import ViTClassifier, load_classifier
 
@@ -163,17 +163,17 @@ class Engine:
                     logits = self.model(x)
             else:
                 logits, maps = self.model(x), []
-            probs = _to_probs(logits, len(self.class_names)).cpu().double().numpy()[0]
+            probs = logits_to_probs(logits, len(self.class_names)).cpu().double().numpy()[0]
         heat: dict[str, np.ndarray] = {}
         if maps:
             grid = tuple(self.model.encoder.patch_embed.grid_size)
             prefix = int(self.model.encoder.num_prefix_tokens)
             for name, w in (("last_block", last_block_attention), ("rollout", attention_rollout)):
-                heat[name] = _to_image(w(maps, prefix).cpu(), grid, image.shape, self.meta)  # type: ignore[arg-type]
+                heat[name] = attention_on_image(w(maps, prefix).cpu(), grid, image.shape, self.meta)  # type: ignore[arg-type]
         return probs, heat
 
     def decide(self, probs: np.ndarray) -> str:
-        return _decide(probs, self.class_names, self.threshold)
+        return decide_class(probs, self.class_names, self.threshold)
 
     def lung_mask(self, image: np.ndarray) -> np.ndarray:
         """(H, W) bool lung mask at the image's size (`predict_mask`)."""
@@ -497,11 +497,11 @@ def create_app(models: Models, options: ServeOptions | None = None) -> FastAPI:
         name, xray = upload(request, file)
 
         def work() -> dict[str, Any]:
-            from sscxr.evaluation.segmentation import _png
+            from sscxr.evaluation.segmentation import mask_png
 
             mask = engine.lung_mask(xray.image)
             return {"file": name, "shape": list(mask.shape), "lung_fraction": float(mask.mean()),
-                    "mask_png": _b64(_png(mask))}  # fmt: skip
+                    "mask_png": _b64(mask_png(mask))}  # fmt: skip
 
         return guarded(name, work)
 
@@ -522,10 +522,10 @@ def create_app(models: Models, options: ServeOptions | None = None) -> FastAPI:
             caption = f"{name}: predicted {answer['predicted']} (p = {p:.2f})"
             answer["heatmap_png"] = _b64(heatmap_figure(xray.image, heat, caption))
             if engine.segmenter is not None:
-                from sscxr.evaluation.segmentation import _png
+                from sscxr.evaluation.segmentation import mask_png
 
                 mask = engine.lung_mask(xray.image)
-                answer.update(lung_fraction=float(mask.mean()), mask_png=_b64(_png(mask)),
+                answer.update(lung_fraction=float(mask.mean()), mask_png=_b64(mask_png(mask)),
                               lung_overlay_png=_b64(_lung_overlay(xray.image, mask)))  # fmt: skip
             return answer
 
