@@ -400,6 +400,6 @@ def test_segment_evaluate_refuses_the_planted_copy_before_any_model_runs(
     missing = tmp_path / "no-model"
     tests = [SegTestSpec("t", caches["leaky"])]
     with pytest.raises(DataError, match=r"near-duplicate image pair.*copy\.jpg.*pass --allow-leakage"):
-        run_evaluation([("m", missing)], tests, tmp_path / "out", progress=False)
+        run_evaluation([("m", missing)], tests, progress=False)
     with pytest.raises(SSCXRError, match="no-model"):  # allowed: on to loading the model
-        run_evaluation([("m", missing)], tests, tmp_path / "out", progress=False, allow_leakage=True)
+        run_evaluation([("m", missing)], tests, progress=False, allow_leakage=True)

@@ -60,13 +60,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from sscxr.evaluation.segmentation import parse_model_spec, parse_test_spec, run_evaluation
+    from sscxr.reports.segmentation import write_segmentation_report
 
     models = [parse_model_spec(m) for m in args.model]
     tests = [parse_test_spec(t) for t in args.test]
-    evals, paths = run_evaluation(
+    evals = run_evaluation(
         models,
         tests,
-        args.out,
         postprocess=args.postprocess,
         n_boot=args.n_boot,
         seed=args.seed,
@@ -74,6 +74,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         allow_leakage=args.allow_leakage,
     )
+    paths = write_segmentation_report(evals, args.out)
     for ev in evals:
         variants = [("raw", ev.summary)] + ([("post-processed", ev.summary_pp)] if ev.summary_pp else [])
         for label, s in variants:

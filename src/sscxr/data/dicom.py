@@ -39,7 +39,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from sscxr.data.io import XRay, XRayMeta, XRayReadError, _minmax, check_pixel_count, max_pixels_limit
+from sscxr.data.xray import XRay, XRayMeta, XRayReadError, check_pixel_count, max_pixels_limit, minmax_scale
 
 __all__ = ["read_dicom"]
 
@@ -323,7 +323,7 @@ def _voi(values: np.ndarray, ds: Dataset, path: Path) -> tuple[np.ndarray, bool]
         if out is not None:
             return out, True
         logger.warning("%s: unusable window (function %s); mapping the data range instead.", path, function)
-    return _minmax(values, path), False
+    return minmax_scale(values, path), False
 
 
 def _colour_to_grey(arr: np.ndarray, ds: Dataset, photometric: str, path: Path) -> np.ndarray:

@@ -28,17 +28,24 @@ corrupt or hostile header cannot make a loader worker allocate gigabytes. Raise 
 from __future__ import annotations
 
 import logging
-import operator
-import os
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sscxr.errors import ConfigError, DataError
+from sscxr.data.xray import (
+    MAX_PIXELS,
+    MAX_PIXELS_ENV,
+    XRay,
+    XRayMeta,
+    XRayReadError,
+    check_pixel_count,
+    max_pixels_limit,
+    minmax_scale,
+    too_large_message,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -61,13 +68,6 @@ RASTER_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".
 DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
 IMAGE_SUFFIXES: frozenset[str] = RASTER_SUFFIXES | DICOM_SUFFIXES
 
-#: Default bound on decoded pixels (H x W) per image; see the module docstring.
-MAX_PIXELS = 50_000_000
-#: Environment variable that replaces :data:`MAX_PIXELS` (a positive integer).
-MAX_PIXELS_ENV = "SSCXR_MAX_PIXELS"
-
-# Value spans that _minmax scales in float32; outside them (tiny or huge values) it uses float64.
-_SAFE_SPAN = (1e-30, 1e30)
 # Candidate bit depths for 16-bit rasters (see the module docstring).
 _BIT_DEPTHS = (8, 10, 12, 14, 16)
 # An RGB image counts as "clearly coloured" when more than this fraction of (sub-sampled) pixels
@@ -80,104 +80,6 @@ _EXPLICIT_VRS = frozenset(
     b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM".split()
     + b"UC UI UL UN UR US UT UV".split()
 )
-
-
-class XRayReadError(DataError):
-    """A file cannot be read as an X-ray or mask; the message names the file, the reason and a fix."""
-
-
-@dataclass(frozen=True)
-class XRayMeta:
-    """What the reader learned about an image (never any patient identifier).
-
-    Attributes:
-        source: the path that was read.
-        format: ``"dicom"`` or the raster format in lower case (``"png"``, ``"jpeg"``, ``"tiff"``, ...).
-        shape: ``(H, W)`` of the returned image.
-        pixel_spacing_mm: ``(row, column)`` spacing in mm from DICOM Pixel Spacing (or Imager Pixel
-            Spacing); ``None`` for rasters and DICOMs without it.
-        photometric: DICOM Photometric Interpretation, or the raster's Pillow mode (``"L"``, ``"I;16"``,
-            ``"RGB"``, ``"P"``, ...).
-        bits_stored: DICOM Bits Stored, or for rasters the bit depth used for scaling (8, or e.g. 12 for
-            a 12-bit image saved as 16-bit); ``None`` for float rasters.
-        inverted: the stored values were inverted (MONOCHROME1 or Presentation LUT Shape INVERSE).
-        window_applied: a DICOM VOI LUT or window was applied.
-    """
-
-    source: str
-    format: str
-    shape: tuple[int, int]
-    pixel_spacing_mm: tuple[float, float] | None
-    photometric: str
-    bits_stored: int | None
-    inverted: bool
-    window_applied: bool
-
-
-@dataclass(frozen=True, eq=False)
-class XRay:
-    """A decoded radiograph.
-
-    Attributes:
-        image: float32 ``(H, W)`` in [0, 1], bones bright.
-        meta: see :class:`XRayMeta`.
-    """
-
-    image: np.ndarray
-    meta: XRayMeta
-
-
-def max_pixels_limit(max_pixels: int | None = None) -> int:
-    """The bound on decoded pixels per image that a read uses.
-
-    Args:
-        max_pixels: an explicit bound (wins); None reads ``SSCXR_MAX_PIXELS``, else :data:`MAX_PIXELS`.
-
-    Returns:
-        A positive integer.
-
-    Raises:
-        ConfigError: the argument or the environment variable is not a positive integer.
-    """
-    if max_pixels is not None:
-        try:
-            value = operator.index(max_pixels)  # ints, numpy ints; not floats or strings
-        except TypeError:
-            value = 0
-        if isinstance(max_pixels, bool) or value < 1:
-            raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
-        return value
-    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
-    if not raw:
-        return MAX_PIXELS
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(
-            f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels, e.g. "
-            f"{MAX_PIXELS_ENV}=200000000; unset it to use the default."
-        )
-    return value
-
-
-def check_pixel_count(path: Path | str, width: int, height: int, limit: int) -> None:
-    """Raise XRayReadError when a ``width`` x ``height`` image exceeds ``limit`` pixels (from its header).
-
-    The message names the file, its size, the limit and how to raise it.
-    """
-    if width * height > limit:
-        raise XRayReadError(_too_large(path, f"{width} x {height} = {width * height:,} pixels", limit))
-
-
-def _too_large(path: Path | str, size: str, limit: int) -> str:
-    return (
-        f"{path}: image is {size}, more than the {limit:,} pixels sscxr decodes per image (a guard against "
-        f"corrupt headers and memory exhaustion); if it really is one radiograph, raise the limit with "
-        f"the environment variable {MAX_PIXELS_ENV}=<pixels> (or read_xray(..., max_pixels=...)), or "
-        "downscale the file."
-    )
 
 
 def _read_head(path: Path, n: int = 132) -> bytes:
@@ -297,7 +199,7 @@ def _bomb_error(path: Path, exc: Exception, limit: int) -> XRayReadError:
             f"bound is {limit:,}); raise PIL.Image.MAX_IMAGE_PIXELS as well, or downscale the file."
         )
     also = f" (Pillow refuses more than {pil:,}: raise PIL.Image.MAX_IMAGE_PIXELS too)" if pil else ""
-    return XRayReadError(_too_large(path, f"{n:,} pixels" if n else "too many pixels", limit) + also)
+    return XRayReadError(too_large_message(path, f"{n:,} pixels" if n else "too many pixels", limit) + also)
 
 
 def _open_raster(path: Path, limit: int) -> Image.Image:
@@ -378,40 +280,6 @@ def _scale_uint(arr: np.ndarray, denom: float) -> np.ndarray:
     return out
 
 
-def _minmax(arr: np.ndarray, source: Path | str) -> np.ndarray:
-    """Map finite values to [0, 1] by their [min, max]; NaN/inf become the minimum; constant images zeros.
-
-    Args:
-        arr: any real array ``(H, W)``.
-        source: file named in log messages.
-
-    Returns:
-        float32 ``(H, W)`` in [0, 1].
-    """
-    out = arr.astype(np.float32, copy=True)
-    finite = np.isfinite(out)
-    if not finite.any():
-        # e.g. a DICOM whose rescale overflows float32, or an all-NaN TIFF: no measurement at all,
-        # which must not become a valid-looking black image
-        raise XRayReadError(f"{source}: every pixel is NaN or infinite; the file holds no usable image.")
-    if not finite.all():
-        logger.warning("%s: %d non-finite pixels set to the image's minimum.", source, int((~finite).sum()))
-        out[~finite] = out[finite].min()
-    lo, hi = float(out.min()), float(out.max())
-    if hi <= lo:
-        logger.warning("%s: image is constant (value %g); returning zeros.", source, lo)
-        return np.zeros(out.shape, np.float32)
-    span = hi - lo
-    if not _SAFE_SPAN[0] < span < _SAFE_SPAN[1]:
-        # 1 / span (or x - lo) would leave float32's range: 0 * inf = NaN, or everything 0 or 1
-        out = ((out.astype(np.float64) - lo) / span).astype(np.float32)
-    else:
-        out -= np.float32(lo)
-        out /= np.float32(span)  # a division, not * (1 / span): the maximum lands on 1.0 exactly
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
-
-
 def _rgb_to_grey(rgb: np.ndarray, source: Path) -> np.ndarray:
     """Turn ``(H, W, 3)`` uint8 into grey ``(H, W)``: exact for grey-as-RGB, luma otherwise.
 
@@ -481,12 +349,12 @@ def _raster_pixels(img: Image.Image, path: Path) -> tuple[np.ndarray, int | None
         if lo >= 0 and hi <= 0xFFFF:
             bits = _bits_used(hi)
             return _scale_uint(arr, (1 << bits) - 1), bits
-        return _minmax(arr, path), None
+        return minmax_scale(arr, path), None
     if mode == "F":
         arr = np.asarray(img)
         if np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0:
             return arr.astype(np.float32, copy=True), None
-        return _minmax(arr, path), None
+        return minmax_scale(arr, path), None
     grey = _eight_bit_grey(img, path)
     out = _scale_uint(grey, 255.0)
     if grey.dtype != np.uint8:

@@ -308,7 +308,6 @@ def _rows_csv(rows: Sequence[Sequence[str]]) -> str:
 def run_evaluation(
     models: Sequence[tuple[str, Path]],
     tests: Sequence[SegTestSpec],
-    out_dir: str | os.PathLike[str],
     *,
     postprocess: bool = False,
     n_boot: int = 1000,
@@ -317,26 +316,24 @@ def run_evaluation(
     batch_size: int = 16,
     progress: bool = True,
     allow_leakage: bool = False,
-) -> tuple[list[SegEvaluation], dict[str, Path]]:
-    """Evaluate every model on every test set and write the report (see `write_segmentation_report`).
+) -> list[SegEvaluation]:
+    """Evaluate every model on every test set (the report: `reports.segmentation.write_segmentation_report`).
 
     Args:
         models: (name, run folder or model.json) pairs; names must be unique.
         tests: the test sets.
-        out_dir: report folder.
         postprocess: also score the post-processed masks (two largest components, holes filled).
         n_boot: bootstrap resamples (by patient) for the 95% CIs; 0 = none.
         allow_leakage: evaluate (with a warning) test caches whose patients or near-duplicate images
             are in two splits; refused otherwise.
 
     Returns:
-        (evaluations, {kind: path} of the files written).
+        One evaluation per (model, test set), models outermost.
 
     Raises:
         DataError: leakage in a test cache and not `allow_leakage`.
     """
     from sscxr.models.unetr import load_segmenter
-    from sscxr.reports.segmentation import write_segmentation_report
 
     names = [n for n, _ in models] + [t.name for t in tests]
     if len({n for n, _ in models}) != len(models) or len({t.name for t in tests}) != len(tests):
@@ -364,4 +361,4 @@ def run_evaluation(
                     progress=progress,
                 )
             )
-    return evals, write_segmentation_report(evals, out_dir)
+    return evals
