@@ -78,6 +78,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+        # TF32 for the float32 matmuls and convolutions left outside autocast (Ampere and later): the
+        # usual choice for training, ~8x the float32 rate at a 10-bit mantissa. CUDA-only flags: CPU
+        # numerics are untouched.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     backend: str | None = None
     if world > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
