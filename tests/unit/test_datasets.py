@@ -124,3 +124,20 @@ def test_gmml_noise_only_needs_no_donor(cache: ImageCache) -> None:
     assert int(s["donor"]) == -1 and int(s["kind"]) == 0
     with pytest.raises(ValueError, match="at least 2"):
         GMMLDataset(cache, [0], CorruptionConfig(), patch_size=8)
+
+
+def test_set_epoch_reaches_loader_workers_that_persist_across_epochs(cache: ImageCache) -> None:
+    """The epoch lives in shared memory: two persistent workers give each epoch's own samples, the ones
+    the main process computes for that epoch (a plain attribute would leave them at epoch 0)."""
+    from torch.utils.data import DataLoader
+
+    ds = CachedDataset(cache, cache.indices(), augment=AugmentConfig(), seed=5)
+    assert ds.shares_epoch
+    loader = DataLoader(ds, batch_size=2, num_workers=2, persistent_workers=True)
+    for epoch in (0, 3):
+        ds.set_epoch(epoch)
+        got = torch.cat([b["image"] for b in loader])
+        want = torch.stack([ds[k]["image"] for k in range(len(ds))])
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    ds.set_epoch(0)
+    assert not torch.equal(torch.stack([ds[k]["image"] for k in range(len(ds))]), want)  # epochs differ

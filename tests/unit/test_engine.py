@@ -437,3 +437,36 @@ def test_the_precision_probe_runs_inside_inference_and_no_grad_contexts() -> Non
         cpu_precision_timings.cache_clear()
         with context():
             assert min(cpu_precision_timings()) > 0
+
+
+class _SharedEpochToy(ToyDataset):
+    """A toy dataset that declares its epoch reaches persistent workers (its samples do not use it)."""
+
+    shares_epoch = True
+
+
+def test_loader_workers_persist_across_epochs_and_train_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sscxr.engine import trainer
+
+    built = []
+    real = trainer.build_loader
+
+    def counting(*args: object, **kw: object):  # type: ignore[no-untyped-def]
+        built.append(kw.get("persistent"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer, "build_loader", counting)
+    torch.manual_seed(0)
+    inline = ToyTask(dropout=0.0)
+    fit(inline, _SharedEpochToy(n=40), None, TrainConfig(epochs=3, batch_size=4, workers=0, amp="off",
+        progress=False, checkpoint_every=0), OptimConfig(lr=2e-2), tmp_path / "a", None, None)  # fmt: skip
+    assert built == [False, False, False]  # no workers: a loader per epoch, as before
+    built.clear()
+    torch.manual_seed(0)
+    workers = ToyTask(dropout=0.0)
+    fit(workers, _SharedEpochToy(n=40), None, TrainConfig(epochs=3, batch_size=4, workers=2, amp="off",
+        progress=False, checkpoint_every=0), OptimConfig(lr=2e-2), tmp_path / "b", None, None)  # fmt: skip
+    assert built == [True]  # one loader, its workers kept for the three epochs
+    _assert_equal(_weights(inline), _weights(workers))

@@ -2,8 +2,10 @@
 
 Every random number of a sample comes from `generator_for(seed, epoch, cache_index)`, so a sample is a
 pure function of (seed, epoch, row): the same whatever DataLoader worker, rank or order reads it, and a
-resumed run sees exactly the batches it would have seen. Call `set_epoch` before each epoch (in the main
-process, before the loader's workers start, i.e. before `iter(loader)` with non-persistent workers).
+resumed run sees exactly the batches it would have seen. Call `set_epoch` before each epoch, in the main
+process, before the epoch's `iter(loader)`. The epoch is kept in shared memory (`shares_epoch`), so it
+reaches loader workers that persist across epochs, which the engine then keeps instead of starting new
+ones every epoch.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ class CachedDataset(Dataset[Sample]):
             raise ValueError(f"normalize std must be > 0, got {normalize}")
         self.cache, self.indices, self.label_map = cache, idx, label_map
         self.augment_cfg, self.seed, self.with_mask, self.normalize = augment, seed, with_mask, normalize
-        self.epoch = 0
+        # A shared-memory scalar, not an int: persistent loader workers read the value set_epoch writes.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.patient_ids = np.array([cache.rows[i].patient_id for i in idx], dtype=object)
         self.labels = (
             np.array([label_map[cache.rows[i].label] for i in idx], dtype=np.int64)
@@ -101,9 +104,17 @@ class CachedDataset(Dataset[Sample]):
             else None
         )
 
+    #: `set_epoch` reaches loader workers that persist across epochs (the engine keeps them).
+    shares_epoch = True
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose random draws samples use."""
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random draws samples use."""
-        self.epoch = int(epoch)
+        """Select the epoch whose random draws samples use (seen by every loader worker)."""
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return int(self.indices.size)

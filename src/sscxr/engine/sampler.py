@@ -116,8 +116,14 @@ def build_loader(
     pin_memory: bool,
     drop_last: bool,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    persistent: bool = False,
 ) -> DataLoader[Any]:
-    """A DataLoader over `sampler` whose worker seeds derive from `seed` (pass the epoch and rank into it)."""
+    """A DataLoader over `sampler` whose worker seeds derive from `seed` (pass the epoch and rank into it).
+
+    `persistent` keeps the workers between epochs (`workers` > 0): only for datasets whose `set_epoch`
+    reaches workers that are already running (`shares_epoch`); otherwise workers are recreated each
+    epoch so that they get the dataset as `set_epoch` left it.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -128,8 +134,7 @@ def build_loader(
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=seed_worker,
-        # Workers are recreated each epoch so that `dataset.set_epoch` reaches them.
-        persistent_workers=False,
+        persistent_workers=persistent and workers > 0,
     )
 
 

@@ -291,6 +291,7 @@ class _Loop:
         self.metrics = MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=tcfg.tensorboard)
         self.meter = StepMeter()
         self._bad_run = 0
+        self._persistent_loader: Any = None
         self._announce(lr, ocfg)
 
     def _announce(self, lr: float, ocfg: OptimConfig) -> None:
@@ -388,10 +389,19 @@ class _Loop:
             self.train_set.set_epoch(s.epoch)  # type: ignore[attr-defined]
         self.sampler.set_epoch(s.epoch)
         self.sampler.set_start(s.sample_in_epoch)
+        # Workers that persist across epochs, where the dataset's epoch reaches them (`shares_epoch`):
+        # no process start-up and no re-opened cache per epoch. The sampler runs in this process, so
+        # its epoch and resume position need no sharing. Samples never depend on worker seeds.
+        if self._persistent_loader is not None:
+            return iter(self._persistent_loader)
+        persistent = t.workers > 0 and bool(getattr(self.train_set, "shares_epoch", False))
         seed = derive_seed(t.seed, s.epoch, self.dist.rank, s.sample_in_epoch)
         loader = build_loader(
-            self.train_set, self.sampler, t.batch_size, seed=seed, drop_last=True, **self.loader_kw
-        )
+            self.train_set, self.sampler, t.batch_size, seed=seed, drop_last=True, persistent=persistent,
+            **self.loader_kw,
+        )  # fmt: skip
+        if persistent:
+            self._persistent_loader = loader
         return iter(loader)
 
     def _train_epoch(self) -> bool:
