@@ -4,7 +4,6 @@ are loaded images, a bad file shows the server's message, and the page asks noth
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import socket
 import threading
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -32,20 +30,9 @@ def _chromium() -> str:
 
 
 def _models(root: Path) -> tuple[Path, Path]:
-    from sscxr.models.classifier import ViTClassifier, export_classifier
-    from sscxr.models.loading import Normalization
-    from sscxr.models.unetr import SegmenterSpec, build_unetr, export_segmenter
-    from sscxr.models.vit import ViTConfig, build_vit
+    from tiny_models import classifier_run, segmenter_run
 
-    tiny = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
-    norm = Normalization(mean=0.45, std=0.25)
-    torch.manual_seed(0)  # tests only: timm initialises from the global RNG
-    clf = ViTClassifier(build_vit(tiny), ["healthy", "pneumonia"], normalization=norm)
-    export_classifier(clf, tiny, root / "clf" / "model", {"task": "pneumonia_vs_healthy", "fit": "pad"})
-    spec = SegmenterSpec(vit=dataclasses.replace(tiny, depth=4), normalization=norm, feature_size=4)
-    seg = build_unetr(spec).eval()
-    export_segmenter(seg.state_dict(), dataclasses.replace(spec, blocks=seg.blocks), root / "seg" / "model")
-    return root / "clf", root / "seg"
+    return classifier_run(root / "clf", {"fit": "pad"}), segmenter_run(root / "seg")
 
 
 def _free_port() -> int:

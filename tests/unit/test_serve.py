@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import dataclasses
 import io
 import logging
 import os
@@ -33,38 +32,25 @@ from sscxr.data.io import read_xray
 from sscxr.errors import ConfigError
 from sscxr.evaluation.files import PredictOptions, explain_files, frame_image, predict_files
 from sscxr.evaluation.segmentation import predict_mask
-from sscxr.models.classifier import ViTClassifier, export_classifier, load_classifier
-from sscxr.models.loading import Normalization
-from sscxr.models.unetr import SegmenterSpec, build_unetr, export_segmenter, load_segmenter
-from sscxr.models.vit import ViTConfig, build_vit
+from sscxr.models.classifier import load_classifier
+from sscxr.models.unetr import load_segmenter
 from sscxr.serve import ServeOptions, create_app, load_models
+from tiny_models import classifier_run, segmenter_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
-NORM = Normalization(mean=0.45, std=0.25)
 PATIENT = ("Doe^Jane", "PID-731904")  # DICOM header fields that must never leave the server
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)  # tests only: timm initialises from the global RNG
-    model = ViTClassifier(build_vit(TINY), ["healthy", "pneumonia"], normalization=NORM,
-                          thresholds={"default": 0.5, "youden": 0.37})  # fmt: skip
-    out = tmp_path_factory.mktemp("clf")
-    export_classifier(model, TINY, out / "model", {"task": "pneumonia_vs_healthy", "fit": "pad"})
-    return out
+    folder = tmp_path_factory.mktemp("clf")
+    return classifier_run(folder, {"fit": "pad"}, thresholds={"default": 0.5, "youden": 0.37})
 
 
 @pytest.fixture(scope="module")
 def segmenter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    vit = dataclasses.replace(TINY, depth=4)  # UNETR needs 4 blocks for its skips
-    spec = SegmenterSpec(vit=vit, normalization=NORM, feature_size=4, fit="stretch", threshold=0.5)
-    torch.manual_seed(0)
-    model = build_unetr(spec).eval()
-    out = tmp_path_factory.mktemp("seg")
-    export_segmenter(model.state_dict(), dataclasses.replace(spec, blocks=model.blocks), out / "model")
-    return out
+    return segmenter_run(tmp_path_factory.mktemp("seg"))
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def _summary(results, out: Path, table: str) -> int:  # type: ignore[no-untyped-
 
 def _predict(args: argparse.Namespace) -> int:
     from sscxr.evaluation.files import predict_files
-    from sscxr.models.bundle import is_bundle, read_bundle
+    from sscxr.models.bundle import bundled_segmenter
     from sscxr.models.classifier import load_classifier
 
     if args.backend == "onnx":
@@ -45,10 +45,8 @@ def _predict(args: argparse.Namespace) -> int:
         model, meta = load_classifier(args.model)
     segmenter = None
     # A bundle's own segmenter writes the masks unless another is given or --no-masks.
-    seg_path = args.segmenter
-    if seg_path is None and not args.no_masks and is_bundle(args.model):
-        seg_path = args.model if "segmenter" in read_bundle(args.model)[1]["components"] else None
-    if seg_path is not None and not args.no_masks:
+    seg_path = None if args.no_masks else args.segmenter or bundled_segmenter(args.model)
+    if seg_path is not None:
         from sscxr.models.unetr import load_segmenter
 
         segmenter = load_segmenter(seg_path)

@@ -40,6 +40,7 @@ from sscxr.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 __all__ = [
     "FileResult",
     "PredictOptions",
+    "attention_maps",
     "attention_on_image",
     "decide_class",
     "decision_threshold",
@@ -331,22 +332,16 @@ def explain_files(
 
     o, out = options or PredictOptions(), Path(out_dir)
     threshold = decision_threshold(meta, o.threshold)
-    grid = tuple(model.encoder.patch_embed.grid_size)
-    prefix = int(model.encoder.num_prefix_tokens)
     results = []
     for chunk, probs, maps in _run(model, meta, inputs, o, "_heatmap.png", "explain", want_maps=True):
-        if maps is not None:
-            last, roll = last_block_attention(maps, prefix).cpu(), attention_rollout(maps, prefix).cpu()
+        good = [item for item in chunk if item.image is not None]
+        heats = attention_maps(maps, model, [it.image.shape for it in good], meta) if maps else []
         k = 0
         for item in chunk:
             if item.image is None or probs is None:
                 results.append(_result(item, None, meta, threshold))
                 continue
-            res = _result(item, probs[k], meta, threshold)
-            heat = {
-                name: attention_on_image(w[k : k + 1], grid, item.image.shape, meta)
-                for name, w in (("last_block", last), ("rollout", roll))
-            }
+            res, heat = _result(item, probs[k], meta, threshold), heats[k]
             k += 1
             p = float(res.probs[list(meta["class_names"]).index(res.predicted)])  # type: ignore[index]
             caption = f"{item.src.name}: predicted {res.predicted} (p = {p:.2f})"
@@ -359,6 +354,30 @@ def explain_files(
             results.append(res)
     _write_tables(results, meta, threshold, out, o, "explain")
     return results
+
+
+def attention_maps(
+    maps: list[torch.Tensor], model: ViTClassifier, shapes: Sequence[tuple[int, int]], meta: Mapping[str, Any]
+) -> list[dict[str, np.ndarray]]:
+    """The heat maps of a batch: per image, "last_block" (the class token's attention in the last block,
+    mean over heads) and "rollout", each (H, W) in [0, 1] over the image at its own size.
+
+    Args:
+        maps: `capture_attention`'s list for one forward of the batch.
+        model: the classifier that ran (its encoder's patch grid and prefix tokens).
+        shapes: (H, W) of each image of the batch, in batch order.
+        meta: its model.json (input size and framing).
+    """
+    grid = tuple(model.encoder.patch_embed.grid_size)
+    prefix = int(model.encoder.num_prefix_tokens)
+    weights = {
+        "last_block": last_block_attention(maps, prefix).cpu(),
+        "rollout": attention_rollout(maps, prefix).cpu(),
+    }
+    return [
+        {name: attention_on_image(w[k : k + 1], grid, shape, meta) for name, w in weights.items()}
+        for k, shape in enumerate(shapes)
+    ]
 
 
 def attention_on_image(

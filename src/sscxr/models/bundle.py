@@ -28,14 +28,16 @@ from typing import Any
 
 from sscxr import __version__
 from sscxr.errors import CheckpointError
-from sscxr.utils import atomic_write_json, atomic_write_text, display_path
+from sscxr.utils import atomic_write_json, atomic_write_text
 
-__all__ = ["BUNDLE_FORMAT", "component_path", "is_bundle", "read_bundle", "write_bundle"]
+__all__ = ["BUNDLE_FORMAT", "bundled_segmenter", "component_path", "is_bundle", "read_bundle", "write_bundle"]
 
 BUNDLE_FORMAT = "sscxr-bundle"
 BUNDLE_VERSION = 1
 _MODEL_FILES = ("model.safetensors", "model.json")
-_EXTRACTED: dict[Path, Path] = {}  # .zip bundle -> the folder it was unpacked into (this process)
+# .zip bundle -> the temporary folder it was unpacked into and the bundle root inside it (once per
+# process; TemporaryDirectory removes the folder when the process ends).
+_EXTRACTED: dict[Path, tuple[tempfile.TemporaryDirectory[str], Path]] = {}
 
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:
@@ -48,8 +50,9 @@ def _unpack(archive: Path) -> Path:
     """The folder a .zip bundle is unpacked into (once per process; refuses paths leaving the folder)."""
     key = archive.resolve()
     if key in _EXTRACTED:
-        return _EXTRACTED[key]
-    target = Path(tempfile.mkdtemp(prefix="sscxr-bundle-"))
+        return _EXTRACTED[key][1]
+    folder = tempfile.TemporaryDirectory(prefix="sscxr-bundle-")
+    target = Path(folder.name)
     try:
         with zipfile.ZipFile(archive) as zf:
             for name in zf.namelist():
@@ -58,13 +61,16 @@ def _unpack(archive: Path) -> Path:
                     raise CheckpointError(f"{archive}: member {name!r} would be written outside the bundle")
             zf.extractall(target)
     except zipfile.BadZipFile as e:
-        shutil.rmtree(target, ignore_errors=True)
+        folder.cleanup()
         raise CheckpointError(
             f"{archive}: not a readable .zip bundle ({e}); make it with `sscxr bundle`"
         ) from e
+    except CheckpointError:
+        folder.cleanup()
+        raise
     folders = [p for p in target.iterdir() if p.is_dir()]
     root = target if (target / "bundle.json").is_file() else folders[0] if len(folders) == 1 else target
-    _EXTRACTED[key] = root
+    _EXTRACTED[key] = (folder, root)
     return root
 
 
@@ -114,6 +120,12 @@ def component_path(path: str | os.PathLike[str], kind: str) -> Path | None:
             f"{path}: the bundle has no {kind} (it holds: {', '.join(index['components'])})"
         )
     return root / rel
+
+
+def bundled_segmenter(path: str | os.PathLike[str]) -> str | os.PathLike[str] | None:
+    """`path` itself when it is a bundle holding a segmenter (to load it from), else None: what every
+    command that takes a classifier uses when no segmenter is given."""
+    return path if is_bundle(path) and "segmenter" in read_bundle(path)[1]["components"] else None
 
 
 def _sha256(path: Path) -> str:
@@ -366,9 +378,3 @@ def _decision_text(meta: Mapping[str, Any], decision: Mapping[str, Any]) -> str:
     name = str(meta.get("decision_threshold", "default"))
     return (f"{meta['class_names'][1]} when its probability >= {meta['thresholds'][name]:.4f} "
             f"(threshold '{name}', from {decision.get('from', 'the model')})")  # fmt: skip
-
-
-def describe(path: str | os.PathLike[str]) -> str:
-    """One line naming a bundle for logs (its folder as the user gave it, components, task)."""
-    _, index = read_bundle(path)
-    return f"bundle {display_path(path)} ({index.get('task')}: {', '.join(index['components'])})"

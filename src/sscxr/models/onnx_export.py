@@ -140,7 +140,7 @@ def export_onnx(
     Raises:
         CheckpointError: a parity difference above `PARITY_TOLERANCE` (the files stay for inspection).
     """
-    from sscxr.models.bundle import component_path, is_bundle
+    from sscxr.models.bundle import bundled_segmenter
     from sscxr.models.classifier import load_classifier
     from sscxr.models.unetr import load_segmenter
 
@@ -163,8 +163,7 @@ def export_onnx(
     report["graphs"]["classifier"] = _verdict(
         "classifier.onnx", _max_diff(expected[1:], got[1:]), len(images)
     )
-    if segmenter is None and is_bundle(model) and _has_segmenter(model):
-        segmenter = component_path(model, "segmenter")
+    segmenter = segmenter if segmenter is not None else bundled_segmenter(model)
     if segmenter is not None:
         seg = load_segmenter(segmenter)
         size = seg.spec.vit.img_size
@@ -187,12 +186,6 @@ def export_onnx(
             f"(see {out / 'export.json'}); do not use these graphs"
         )
     return report
-
-
-def _has_segmenter(model: str | os.PathLike[str]) -> bool:
-    from sscxr.models.bundle import read_bundle
-
-    return "segmenter" in read_bundle(model)[1]["components"]
 
 
 def _verdict(file: str, diff: float, n: int) -> dict[str, Any]:

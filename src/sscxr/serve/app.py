@@ -46,9 +46,9 @@ from sscxr import __version__
 from sscxr.data.io import IMAGE_SUFFIXES, XRay, XRayReadError, read_xray
 from sscxr.engine.distributed import precision_autocast, resolve_device
 from sscxr.errors import SSCXRError
-from sscxr.evaluation.files import attention_on_image, decide_class, decision_threshold, frame_image
+from sscxr.evaluation.files import attention_maps, decide_class, decision_threshold, frame_image
 from sscxr.evaluation.predict import logits_to_probs
-from sscxr.models.attention import attention_rollout, capture_attention, last_block_attention
+from sscxr.models.attention import capture_attention
 from sscxr.models.classifier import ViTClassifier, load_classifier
 
 if TYPE_CHECKING:
@@ -97,12 +97,11 @@ def load_models(model: str | os.PathLike[str], segmenter: str | os.PathLike[str]
     Raises:
         CheckpointError: files missing, foreign or not matching their metadata.
     """
-    from sscxr.models.bundle import is_bundle, read_bundle
+    from sscxr.models.bundle import bundled_segmenter
 
     classifier, meta = load_classifier(model)
     seg = None
-    if segmenter is None and is_bundle(model) and "segmenter" in read_bundle(model)[1]["components"]:
-        segmenter = model
+    segmenter = segmenter if segmenter is not None else bundled_segmenter(model)
     if segmenter is not None:
         from sscxr.models.unetr import load_segmenter
 
@@ -164,12 +163,7 @@ class Engine:
             else:
                 logits, maps = self.model(x), []
             probs = logits_to_probs(logits, len(self.class_names)).cpu().double().numpy()[0]
-        heat: dict[str, np.ndarray] = {}
-        if maps:
-            grid = tuple(self.model.encoder.patch_embed.grid_size)
-            prefix = int(self.model.encoder.num_prefix_tokens)
-            for name, w in (("last_block", last_block_attention), ("rollout", attention_rollout)):
-                heat[name] = attention_on_image(w(maps, prefix).cpu(), grid, image.shape, self.meta)  # type: ignore[arg-type]
+        heat = attention_maps(maps, self.model, [image.shape], self.meta)[0] if maps else {}
         return probs, heat
 
     def decide(self, probs: np.ndarray) -> str:
