@@ -2,9 +2,10 @@
 
 Prints, for ViT-S/16 at 256 px (by default), batch 16, bf16 autocast:
   * the bare timm ViT forward + backward + AdamW step (images/s, MFU);
-  * the whole pre-training step through the real engine (cache -> augmentation + corruption in the
-    loader -> encoder -> decoder -> masked L1 -> AdamW), images/s and MFU, and the ratio of the two MFUs;
-  * the data loader alone (images/s) and the run's peak memory.
+  * the whole pre-training step through the real engine (cache -> augmentation + corruption, in the
+    loader or in the step as `--augment-on` says -> encoder -> decoder -> masked L1 -> AdamW), images/s
+    and MFU, and the ratio of the two MFUs;
+  * the data loader alone (images/s, both `augment_on` ways) and the run's peak memory.
 
 FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` over one forward + backward (matmuls
 and convolutions, the way MFU is usually defined), not estimated.
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from sscxr.config import PretrainConfig, load_config
@@ -32,7 +34,7 @@ from sscxr.data.synth import SynthConfig, generate_cohort
 from sscxr.engine.distributed import DistInfo, resolve_amp, resolve_device
 from sscxr.engine.trainer import fit
 from sscxr.models.vit import build_vit
-from sscxr.tasks.gmml import build_pretraining
+from sscxr.tasks.gmml import build_pretraining, resolve_augment_on
 
 
 def flops_per_image(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -96,13 +98,13 @@ def pretrain_step(
     cfg: PretrainConfig, device: torch.device, steps: int, warmup: int, run: Path
 ) -> tuple[float, float]:
     """(images/s, FLOPs per image) of the real engine's GMML step, measured after `warmup` steps."""
-    task, train_set, _ = build_pretraining(cfg, seed=0)
-    x = torch.stack([train_set[i]["corrupted"] for i in range(4)]).to(device)
+    task, train_set, _ = build_pretraining(cfg, seed=0, device=device)
+    x = train_set.views(default_collate([train_set[i] for i in range(4)]))["corrupted"].to(device)
     flops = flops_per_image(task.model.to(device), x)
     cfg.train.max_steps = warmup + steps
     cfg.train.log_every = warmup if warmup else steps
     dist = DistInfo(device=device) if device.type == "cuda" else DistInfo()
-    fit(task, train_set, None, cfg.train, cfg.optim, run, dist, None, resume=False)
+    fit(task, train_set, None, cfg.train, cfg.optim, run, dist, None, resume=False, force=True)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r["metrics"] for r in records if r["split"] == "train"]
     # The first window holds the warm-up (allocator, loader start); the rest is steady state.
@@ -110,11 +112,18 @@ def pretrain_step(
     return sum(steady) / len(steady), flops
 
 
-def loader_speed(cfg: PretrainConfig, workers: int, batches: int) -> float:
-    """Images/s of the GMML data pipeline alone (cache read, augmentation, corruption)."""
+def loader_speed(cfg: PretrainConfig, workers: int, batches: int, deferred: bool) -> float:
+    """Images/s of the GMML loader alone: cache read and draws, plus, unless `deferred` (augment_on
+    "step"), the augmentation and corruption that "step" leaves to the training step."""
     cache = ImageCache.open(cfg.data.cache)
     ds = GMMLDataset(
-        cache, cache.indices(), cfg.gmml.corruption, cfg.model.patch_size, cfg.data.augment, seed=0
+        cache,
+        cache.indices(),
+        cfg.gmml.corruption,
+        cfg.model.patch_size,
+        cfg.data.augment,
+        seed=0,
+        deferred=deferred,
     )
     loader = torch.utils.data.DataLoader(
         ds, batch_size=cfg.train.batch_size, shuffle=True, num_workers=workers, drop_last=True
@@ -141,6 +150,8 @@ def main() -> None:
     p.add_argument("--amp", default="bf16", help="bf16 | fp16 | off | auto (default bf16, as the issue asks)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak (default: 0.93 for this CPU)")
     p.add_argument("--only", choices=["bare", "pretrain", "loader"], default=None)
+    p.add_argument("--augment-on", default="auto", help="gmml.augment_on: auto | loader | step")
+    p.add_argument("--compile", action="store_true", help="train.compile=true for the GMML step")
     args = p.parse_args()
 
     device = resolve_device(args.device, 0)
@@ -161,13 +172,16 @@ def main() -> None:
                 "train.checkpoint_every=0",
                 "train.epochs=1000",
                 f"train.amp={args.amp}",
+                f"gmml.augment_on={args.augment_on}",
+                f"train.compile={str(args.compile).lower()}",
             ],
         )
         dtype = resolve_amp(args.amp, device)
         measured = matmul_peak(device, dtype)
         print(
             f"device {device}, threads {torch.get_num_threads()}, amp {dtype}, "
-            f"batch {args.batch}, {args.size} px, fused_attn {args.fused_attn}, loader workers {workers}"
+            f"batch {args.batch}, {args.size} px, fused_attn {args.fused_attn}, loader workers {workers}, "
+            f"augment_on {resolve_augment_on(args.augment_on, device)}, compile {args.compile}"
         )
         print(
             f"MFU against the stated peak {peak / 1e12:.3f} TFLOP/s; measured {measured / 1e12:.3f} TFLOP/s "
@@ -192,8 +206,9 @@ def main() -> None:
             (bi, bf), (pi, pf) = results["bare"], results["pretrain"]
             print(f"MFU ratio pre-train / bare: {(pi * pf) / (bi * bf):.3f}")
         if args.only in (None, "loader"):
-            ips = loader_speed(cfg, workers, batches=max(8, args.steps))
-            print(f"data loader alone  : {ips:7.1f} img/s ({workers} workers)")
+            for name, deferred in (("loader", False), ("step", True)):
+                ips = loader_speed(cfg, workers, batches=max(8, args.steps), deferred=deferred)
+                print(f"data loader alone  : {ips:7.1f} img/s ({workers} workers, augment_on {name})")
         if device.type == "cuda":
             print(f"peak GPU memory    : {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         print(f"peak host memory   : {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

@@ -96,6 +96,10 @@ class GMMLConfig:
     # Keep an encoder export every N epochs in `snapshots/epoch_NNN` (0 = only the final one), so
     # frozen-feature quality can be measured against pre-training time (`sscxr probe` on each).
     snapshot_every: int = 0
+    # Where the drawn augmentation and corruption are applied: "loader" (in the DataLoader workers,
+    # per sample), "step" (in the training step on the training device, batched; the loader then
+    # ships uint16 pixels and the draws) or "auto" (docs/design.md says which, and why).
+    augment_on: str = "auto"
 
 
 @dataclass

@@ -91,7 +91,9 @@ def test_cli_pretrain_writes_run_folder(tiny_cache: Path, tmp_path: Path, tiny_o
     assert not result.missing_keys and not result.unexpected_keys
 
 
-def _fit(cache: Path, run: Path, max_steps: int, tiny: list[str]) -> dict[str, torch.Tensor]:
+def _fit(
+    cache: Path, run: Path, max_steps: int, tiny: list[str], augment_on: str = "loader"
+) -> dict[str, torch.Tensor]:
     cfg = load_config(
         PretrainConfig,
         ["tiny"],
@@ -103,6 +105,7 @@ def _fit(cache: Path, run: Path, max_steps: int, tiny: list[str]) -> dict[str, t
             f"train.max_steps={max_steps}",
             "train.amp=off",
             "model.drop_path_rate=0.1",
+            f"gmml.augment_on={augment_on}",
         ],
     )
     seed_process(cfg.train.seed, rank=0)
@@ -111,13 +114,26 @@ def _fit(cache: Path, run: Path, max_steps: int, tiny: list[str]) -> dict[str, t
     return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
 
 
-def test_gmml_resume_is_exact(tiny_cache: Path, tmp_path: Path, tiny_overrides: list[str]) -> None:
+@pytest.mark.parametrize("augment_on", ["loader", "step"])
+def test_gmml_resume_is_exact(
+    tiny_cache: Path, tmp_path: Path, tiny_overrides: list[str], augment_on: str
+) -> None:
     # 7 steps straight == 3 steps (mid-epoch), a fresh task resumed from the run folder, 4 more steps.
-    straight = _fit(tiny_cache, tmp_path / "a", max_steps=7, tiny=tiny_overrides)
-    _fit(tiny_cache, tmp_path / "b", max_steps=3, tiny=tiny_overrides)
-    resumed = _fit(tiny_cache, tmp_path / "b", max_steps=7, tiny=tiny_overrides)
+    straight = _fit(tiny_cache, tmp_path / "a", max_steps=7, tiny=tiny_overrides, augment_on=augment_on)
+    _fit(tiny_cache, tmp_path / "b", max_steps=3, tiny=tiny_overrides, augment_on=augment_on)
+    resumed = _fit(tiny_cache, tmp_path / "b", max_steps=7, tiny=tiny_overrides, augment_on=augment_on)
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name
+
+
+def test_the_step_pipeline_trains_as_the_loader_pipeline(
+    tiny_cache: Path, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    # The same draws applied in the training step (batched) or in the loader (per sample): the same run.
+    loader = _fit(tiny_cache, tmp_path / "loader", max_steps=5, tiny=tiny_overrides, augment_on="loader")
+    step = _fit(tiny_cache, tmp_path / "step", max_steps=5, tiny=tiny_overrides, augment_on="step")
+    for name, value in loader.items():
+        torch.testing.assert_close(step[name], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.dist
@@ -134,7 +150,10 @@ def test_two_processes_equal_one(tiny_cache: Path, tmp_path: Path, tiny_override
         "train.max_steps=3",
     ]
     _sscxr([*common, "train.batch_size=8", "--out", str(tmp_path / "one")])
-    _sscxr([*common, "train.batch_size=4", "--out", str(tmp_path / "two")], torchrun=2)
+    # Two processes that finish their batches in the training step equal one that finishes them in
+    # the loader: the draws are per sample, wherever they are applied.
+    two = [*common, "train.batch_size=4", "gmml.augment_on=step", "--out", str(tmp_path / "two")]
+    _sscxr(two, torchrun=2)
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["model"]
     two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")["model"]
     assert one.keys() == two.keys()

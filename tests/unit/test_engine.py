@@ -26,7 +26,13 @@ from toy import ToyDataset, ToyTask
 
 
 def _fit(
-    run_dir: Path, task: ToyTask, n: int = 40, val: bool = True, resume: Any = False, **kw: Any
+    run_dir: Path,
+    task: ToyTask,
+    n: int = 40,
+    val: bool = True,
+    resume: Any = False,
+    optim_kw: dict[str, Any] | None = None,
+    **kw: Any,
 ) -> FitResult:
     train = {
         "epochs": 2,
@@ -37,7 +43,9 @@ def _fit(
         "log_every": 1,
         "checkpoint_every": 0,
     } | kw
-    optim = OptimConfig(lr=2e-2, warmup_epochs=0.5, weight_decay=0.05, weight_decay_end=0.2)
+    optim = OptimConfig(
+        lr=2e-2, warmup_epochs=0.5, weight_decay=0.05, weight_decay_end=0.2, **(optim_kw or {})
+    )
     val_set = ToyDataset(n=11, seed=1) if val else None
     return fit(
         task, ToyDataset(n=n), val_set, TrainConfig(**train), optim, run_dir, None, None, resume=resume
@@ -149,10 +157,11 @@ def test_foreign_or_broken_files_raise_checkpoint_error(tmp_path: Path) -> None:
             load_checkpoint(tmp_path / f"{name}.pt")
 
 
-def test_nonfinite_step_is_skipped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused", [True, False])  # skipped on the device / decided on the host
+def test_nonfinite_step_is_skipped(tmp_path: Path, fused: bool) -> None:
     torch.manual_seed(0)
     task = ToyTask(nan_calls=frozenset({2}))
-    result = _fit(tmp_path, task, epochs=1)
+    result = _fit(tmp_path, task, epochs=1, optim_kw={"fused": fused})
     assert result.state.nonfinite_steps == 1 and result.state.step == 10
     assert all(torch.isfinite(v).all() for v in task.state_dict().values())
     train = [r["metrics"] for r in read_metrics(tmp_path) if r["split"] == "train"]
@@ -171,6 +180,123 @@ def test_five_nonfinite_steps_in_a_row_raise_and_keep_last_checkpoint(
     ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ck["state"]["step"] == 6 and ck["state"]["nonfinite_steps"] == 0
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_fused_adamw_skips_a_nonfinite_step_without_a_host_sync_per_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the fused path no optimiser step reads a device value on the host: the skip happens on the
+    device and the bookkeeping is read later, where the loop syncs anyway."""
+    from sscxr.engine import trainer
+
+    def no_host_decision(flag: torch.Tensor) -> bool:
+        raise AssertionError("all_true (a host sync) called on the fused path")
+
+    monkeypatch.setattr(trainer, "all_true", no_host_decision)
+    inside, syncs = [False], []
+    real_step = trainer._Loop._optimizer_step
+
+    def step(self: Any, batches: Any) -> None:
+        inside[0] = True
+        try:
+            real_step(self, batches)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(trainer._Loop, "_optimizer_step", step)
+
+    def spying(name: str) -> Any:
+        real = getattr(torch.Tensor, name)
+
+        def spy(self: torch.Tensor, *a: Any, **kw: Any) -> Any:
+            if inside[0]:
+                syncs.append(name)
+            return real(self, *a, **kw)
+
+        return spy
+
+    # Every way to read a device value on the host.
+    for name in ("item", "tolist", "cpu", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, spying(name))
+    torch.manual_seed(0)
+    task = ToyTask(nan_calls=frozenset({2}))
+    result = _fit(tmp_path, task, epochs=1, val=False, log_every=50)
+    assert syncs == []
+    assert result.state.nonfinite_steps == 1 and result.state.step == 10
+    assert all(torch.isfinite(v).all() for v in task.state_dict().values())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_skipped_step_leaves_weights_moments_and_step_counters_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fused: bool
+) -> None:
+    from sscxr.engine import trainer
+
+    snapshots: dict[int, tuple[Any, ...]] = {}  # step -> weights, optimiser state before and after
+    real_step = trainer._Loop._optimizer_step
+
+    def snapshot(loop: Any) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+        states = [
+            {k: v.clone() for k, v in loop.optimizer.state[p].items()}
+            for g in loop.optimizer.param_groups
+            for p in g["params"]
+        ]
+        return _weights(loop.task), states
+
+    def step(self: Any, batches: Any) -> None:
+        before = snapshot(self)
+        real_step(self, batches)
+        snapshots[self.state.step - 1] = (*before, *snapshot(self))
+
+    monkeypatch.setattr(trainer._Loop, "_optimizer_step", step)
+    torch.manual_seed(0)
+    task = ToyTask(nan_calls=frozenset({2}))
+    result = _fit(tmp_path, task, epochs=1, val=False, log_every=50, optim_kw={"fused": fused})
+    assert result.state.nonfinite_steps == 1
+    w0, s0, w1, s1 = snapshots[2]
+    _assert_equal(w0, w1)
+    assert len(s0) == len(s1) and all(a.keys() == b.keys() for a, b in zip(s0, s1, strict=True))
+    for a, b in zip(s0, s1, strict=True):
+        _assert_equal(a, b)  # exp_avg, exp_avg_sq and step
+    w0, s0, w1, s1 = snapshots[3]
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # a good step does move the weights
+    _, _, _, final = snapshots[9]
+    assert all(float(st["step"]) == 9 for st in final)  # 10 steps, one skipped
+
+
+def test_five_nonfinite_steps_found_late_still_raise_with_a_healthy_last_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no log or save inside the epoch the streak is read at its end: the same error, the right step
+    numbers, and last.pt from the end of the healthy epoch before."""
+    torch.manual_seed(0)
+    task = ToyTask(nan_from=26)  # epoch 1 of 20-step epochs goes bad at step 26
+    with caplog.at_level(logging.WARNING), pytest.raises(NonFiniteLossError, match=r"5 .*last: step 30\)"):
+        _fit(tmp_path, task, n=80, epochs=2, val=False, log_every=50)
+    assert task.calls == 40  # the lag: the streak was read at the end of the epoch
+    assert "step 26: non-finite loss or gradient, update skipped (1 in a row)" in caplog.text
+    assert "step 30: non-finite loss or gradient, update skipped (5 in a row)" in caplog.text
+    assert "step 31:" not in caplog.text
+    ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ck["state"]["step"] == 20 and ck["state"]["nonfinite_steps"] == 0
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_the_lagged_check_changes_nothing_numerically(tmp_path: Path) -> None:
+    """A run with a skipped step trains the same weights whatever log_every is, and a logged window's
+    means leave the skipped step out."""
+    weights, logs = [], []
+    for every in (1, 5, 50):
+        torch.manual_seed(0)
+        task = ToyTask(nan_calls=frozenset({2}))
+        result = _fit(tmp_path / str(every), task, epochs=1, val=False, log_every=every)
+        assert result.state.nonfinite_steps == 1
+        weights.append(_weights(task))
+        logs.append([r["metrics"] for r in read_metrics(tmp_path / str(every)) if r["split"] == "train"])
+    _assert_equal(weights[0], weights[1])
+    _assert_equal(weights[0], weights[2])
+    good = [m["train/loss"] for m in logs[0][:5] if "train/loss" in m]
+    assert len(good) == 4 and logs[1][0]["train/loss"] == pytest.approx(sum(good) / 4, rel=1e-6)
 
 
 def test_best_checkpoint_follows_the_validation_metric(tmp_path: Path) -> None:
@@ -445,19 +571,25 @@ class _SharedEpochToy(ToyDataset):
     shares_epoch = True
 
 
-def test_loader_workers_persist_across_epochs_and_train_the_same_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _record_persistent(monkeypatch: pytest.MonkeyPatch, builder: str) -> list[object]:
+    """Spy on the trainer's `builder` (a loader builder): the list of the `persistent` it was called with."""
     from sscxr.engine import trainer
 
-    built = []
-    real = trainer.build_loader
+    built: list[object] = []
+    real = getattr(trainer, builder)
 
     def counting(*args: object, **kw: object):  # type: ignore[no-untyped-def]
         built.append(kw.get("persistent"))
         return real(*args, **kw)
 
-    monkeypatch.setattr(trainer, "build_loader", counting)
+    monkeypatch.setattr(trainer, builder, counting)
+    return built
+
+
+def test_loader_workers_persist_across_epochs_and_train_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = _record_persistent(monkeypatch, "build_loader")
     torch.manual_seed(0)
     inline = ToyTask(dropout=0.0)
     fit(inline, _SharedEpochToy(n=40), None, TrainConfig(epochs=3, batch_size=4, workers=0, amp="off",
@@ -470,3 +602,17 @@ def test_loader_workers_persist_across_epochs_and_train_the_same_weights(
         progress=False, checkpoint_every=0), OptimConfig(lr=2e-2), tmp_path / "b", None, None)  # fmt: skip
     assert built == [True]  # one loader, its workers kept for the three epochs
     _assert_equal(_weights(inline), _weights(workers))
+
+
+def test_validation_loader_is_built_once_and_its_workers_persist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = _record_persistent(monkeypatch, "build_eval_loader")
+    scores = []
+    for workers in (0, 1):
+        torch.manual_seed(0)
+        task = ToyTask(dropout=0.0)
+        _fit(tmp_path / f"w{workers}", task, epochs=3, workers=workers)
+        scores.append([r["metrics"] for r in read_metrics(tmp_path / f"w{workers}") if r["split"] == "val"])
+    assert built == [False, True]  # one loader per run for its three validations; workers kept
+    assert len(scores[0]) == 3 and scores[0] == scores[1]  # the same validation either way

@@ -15,6 +15,7 @@ from sscxr.cli.train_cmds import add_config_args, run_training
 
 if TYPE_CHECKING:
     from sscxr.cli.train_cmds import Built
+    from sscxr.engine.distributed import DistInfo
     from sscxr.engine.trainer import FitResult
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def run_finetune(args: argparse.Namespace) -> FitResult:
     """
     from sscxr.tasks.classification import FinetuneConfig, build_finetuning
 
-    def build(cfg: FinetuneConfig) -> Built:
+    def build(cfg: FinetuneConfig, _dist: DistInfo) -> Built:
         task, train_set, val_set = build_finetuning(cfg, seed=cfg.train.seed, command=command_line(args))
         info = task.export_info
         log.info(

@@ -15,6 +15,7 @@ from sscxr.cli.train_cmds import add_config_args, run_training
 
 if TYPE_CHECKING:
     from sscxr.cli.train_cmds import Built
+    from sscxr.engine.distributed import DistInfo
     from sscxr.engine.trainer import FitResult
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def run_segment_train(args: argparse.Namespace) -> FitResult:
     """
     from sscxr.tasks.segmentation import SegmentConfig, build_segmentation
 
-    def build(cfg: SegmentConfig) -> Built:
+    def build(cfg: SegmentConfig, _dist: DistInfo) -> Built:
         task, train_set, val_set = build_segmentation(cfg, seed=cfg.train.seed)
         log.info(
             "segmentation on %d images (%d for validation); encoder start %s; skip blocks %s",

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from sscxr.engine.config import OptimConfig, TrainConfig
+    from sscxr.engine.distributed import DistInfo
     from sscxr.engine.trainer import FitResult
     from sscxr.tasks.base import Task
 
@@ -76,7 +77,7 @@ def resume_arg(value: str) -> str | bool:
 
 
 def run_training(
-    args: argparse.Namespace, config_cls: type[C], default_config: str, build: Callable[[C], Built]
+    args: argparse.Namespace, config_cls: type[C], default_config: str, build: Callable[[C, DistInfo], Built]
 ) -> FitResult:
     """What every training command does: config -> processes -> logging -> seeds -> build -> fit.
 
@@ -84,7 +85,8 @@ def run_training(
         args: `config` (list of configs or None), `overrides`, `out`, `resume`, `device`, `verbose`.
         config_cls: the command's config dataclass.
         default_config: the built-in config used when no `-c` is given.
-        build: makes (task, train_set, val_set) from the resolved config; it runs after seeding.
+        build: makes (task, train_set, val_set) from the resolved config and where the process runs;
+            it runs after seeding.
 
     Returns:
         The engine's FitResult.
@@ -100,7 +102,7 @@ def run_training(
     # timm and MONAI initialise new layers from torch's global RNG: seed it before building the task.
     seed_process(cfg.train.seed, dist.rank)
     try:
-        task, train_set, val_set = build(cfg)
+        task, train_set, val_set = build(cfg, dist)
         cfg_dict: dict[str, Any] = config_to_dict(cfg)
         return fit(
             task,
@@ -123,8 +125,8 @@ def run_pretrain(args: argparse.Namespace) -> FitResult:
     from sscxr.config import PretrainConfig
     from sscxr.tasks.gmml import build_pretraining
 
-    def build(cfg: PretrainConfig) -> Built:
-        task, train_set, val_set = build_pretraining(cfg, seed=cfg.train.seed)
+    def build(cfg: PretrainConfig, dist: DistInfo) -> Built:
+        task, train_set, val_set = build_pretraining(cfg, seed=cfg.train.seed, device=dist.device)
         log.info("pre-training on %d images (%d for validation)", len(train_set), len(val_set or []))
         return task, train_set, val_set
 

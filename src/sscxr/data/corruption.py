@@ -1,7 +1,8 @@
 """GMML "group masking" corruption: random patch-aligned blocks filled with noise or another image.
 
 Semantics follow Sara-Ahmed/GMML `datasets_utils.py` (see docs/GMML.md), made pure and batched: every
-random draw comes from the `torch.Generator` argument, so the same seed gives the same corruption, and
+random draw comes from the `torch.Generator` argument (one draw of it seeds numpy, which makes the many
+tiny draws of the blocks cheaply), so the same seed gives the same corruption, and
 the mask is built on the patch grid (one cell per `align` x `align` pixels) before being expanded to
 pixels, which keeps it cheap and guarantees it lines up with the ViT's patches.
 """
@@ -12,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -19,9 +21,13 @@ __all__ = [
     "KIND_REPLACE",
     "Corrupted",
     "CorruptionConfig",
+    "CorruptionDraw",
+    "apply_corruption",
     "corrupt",
+    "draw_corruption",
     "grid_mask",
     "in_batch_donors",
+    "seeded_noise",
 ]
 
 KIND_NOISE = 0
@@ -87,48 +93,80 @@ class Corrupted(NamedTuple):
     kind: torch.Tensor
 
 
-def _rand(generator: torch.Generator, *size: int) -> torch.Tensor:
-    """Uniform [0, 1) draws on the generator's device (a generator only draws on its own device)."""
-    return torch.rand(size, generator=generator, device=generator.device)
+def _numpy_rng(generator: torch.Generator) -> np.random.Generator:
+    """A numpy generator seeded with one draw of `generator`.
+
+    The draws of one image's corruption are a few dozen tiny arrays: as numpy calls they cost about a
+    tenth of what the same torch calls cost, which is most of a loader worker's time per sample.
+    """
+    seed = torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device)
+    return np.random.default_rng(int(seed))
 
 
-def _draw_kinds(batch: int, generator: torch.Generator, cfg: CorruptionConfig) -> torch.Tensor:
-    """(B,) long kinds. The uniform draw always happens so the random stream does not depend on `kinds`."""
-    u = _rand(generator, batch)
+def _draw_kinds(batch: int, rng: np.random.Generator, cfg: CorruptionConfig) -> np.ndarray:
+    """(B,) int64 kinds. The uniform draw always happens so the random stream does not depend on `kinds`."""
+    u = rng.random(batch)
     if cfg.kinds == ("noise",):
-        return torch.zeros(batch, dtype=torch.long, device=u.device)
+        return np.zeros(batch, dtype=np.int64)
     if cfg.kinds == ("replace",):
-        return torch.ones(batch, dtype=torch.long, device=u.device)
-    return (u < cfg.p_replace).long()
+        return np.ones(batch, dtype=np.int64)
+    return (u < cfg.p_replace).astype(np.int64)
 
 
-def _draw_targets(kind: torch.Tensor, generator: torch.Generator, cfg: CorruptionConfig) -> torch.Tensor:
+def _draw_targets(kind: np.ndarray, rng: np.random.Generator, cfg: CorruptionConfig) -> np.ndarray:
     """(B,) target corrupted fraction per image: U[noise_ratio] for noise, replace_ratio for replace."""
     lo, hi = cfg.noise_ratio
-    noise_t = lo + (hi - lo) * _rand(generator, kind.numel())
-    return torch.where(kind == KIND_REPLACE, torch.full_like(noise_t, cfg.replace_ratio), noise_t)
+    noise_t = lo + (hi - lo) * rng.random(kind.size)
+    return np.where(kind == KIND_REPLACE, cfg.replace_ratio, noise_t)
 
 
 def _draw_blocks(
-    batch: int, k: int, grid: tuple[int, int], max_cells: tuple[int, int], generator: torch.Generator
-) -> torch.Tensor:
-    """K random blocks per image on the cell grid, as (B, gh * gw, K) bool (block index last).
+    batch: int, k: int, grid: tuple[int, int], max_cells: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
+    """K random blocks per image on the cell grid, as (B, K, gh * gw) bool.
 
     Top-left corners are anywhere on the grid and sides in [1, max_cells]; a block running past the
-    border is clipped, as in the reference code. The block index is the last, contiguous dimension
-    because the caller accumulates along it.
+    border is clipped, as in the reference code.
     """
     gh, gw = grid
-    dev = generator.device
-    r0 = torch.randint(0, gh, (batch, 1, k), generator=generator, device=dev)
-    c0 = torch.randint(0, gw, (batch, 1, k), generator=generator, device=dev)
-    h = torch.randint(1, max_cells[0] + 1, (batch, 1, k), generator=generator, device=dev)
-    w = torch.randint(1, max_cells[1] + 1, (batch, 1, k), generator=generator, device=dev)
-    rows = torch.arange(gh, device=dev)[None, :, None]
-    cols = torch.arange(gw, device=dev)[None, :, None]
-    in_rows = (rows >= r0) & (rows < r0 + h)  # (B, gh, K)
-    in_cols = (cols >= c0) & (cols < c0 + w)  # (B, gw, K)
-    return (in_rows[:, :, None, :] & in_cols[:, None, :, :]).view(batch, gh * gw, k)
+    r0, c0 = rng.integers(0, gh, (batch, k, 1)), rng.integers(0, gw, (batch, k, 1))
+    h = rng.integers(1, max_cells[0] + 1, (batch, k, 1))
+    w = rng.integers(1, max_cells[1] + 1, (batch, k, 1))
+    rows, cols = np.arange(gh), np.arange(gw)
+    in_rows = (rows >= r0) & (rows < r0 + h)  # (B, K, gh)
+    in_cols = (cols >= c0) & (cols < c0 + w)  # (B, K, gw)
+    return (in_rows[..., :, None] & in_cols[..., None, :]).reshape(batch, k, gh * gw)
+
+
+def _grid_mask(
+    targets: np.ndarray, grid: tuple[int, int], max_side_frac: float, rng: np.random.Generator
+) -> np.ndarray:
+    """`grid_mask` on numpy arrays: (B,) targets -> (B, gh, gw) bool."""
+    gh, gw = grid
+    batch, cells = targets.size, gh * gw
+    max_cells = (max(1, int(max_side_frac * gh)), max(1, int(max_side_frac * gw)))
+    target_cells = targets.astype(np.float32) * np.float32(cells)
+    # Enough blocks per chunk that one chunk almost always suffices: three times the blocks needed
+    # without overlap at the largest target (overlap and border clipping waste much of each block).
+    mean_area = (1 + max_cells[0]) / 2 * (1 + max_cells[1]) / 2
+    k = min(math.ceil(3.0 * float(target_cells.max()) / mean_area) + 4, 4096)
+    # Per cell, the first block of the chunk that covers it (-1: already covered, k: by none). The
+    # cells covered after block j are those whose first block is <= j, so one cumulative histogram
+    # gives the covered count after every block, without building the union block by block.
+    offsets = (k + 2) * np.arange(batch)[:, None]
+    union = np.zeros((batch, cells), dtype=bool)
+    done = np.zeros(batch, dtype=bool)
+    while not done.all():
+        blocks = _draw_blocks(batch, k, grid, max_cells, rng)  # (B, K, G)
+        first = np.where(blocks.any(axis=1), blocks.argmax(axis=1), k)
+        first[union] = -1
+        histogram = np.bincount((first + 1 + offsets).ravel(), minlength=batch * (k + 2))
+        counts = histogram.reshape(batch, k + 2).cumsum(axis=1)[:, 1 : k + 1]  # (B, K): after block j
+        reached = counts >= target_cells[:, None]
+        stop = np.where(reached.any(axis=1), reached.argmax(axis=1), k - 1)
+        union = np.where(done[:, None], union, first <= stop[:, None])
+        done |= reached.any(axis=1)
+    return union.reshape(batch, gh, gw)
 
 
 def grid_mask(
@@ -136,41 +174,23 @@ def grid_mask(
 ) -> torch.Tensor:
     """Union of random blocks per image until each covers its target fraction of the grid.
 
-    Blocks are drawn in chunks of K for the whole batch; a running count along K gives the union after
-    each block, and each image keeps the union up to the first block that reaches its target, so the
-    result is exactly "add blocks until the target is met" (the last may overshoot) without a Python
-    loop per block. Images not finished after a chunk continue from their union with the next chunk.
+    Blocks are drawn in chunks of K for the whole batch; a running union along K gives the cells
+    covered after each block, and each image keeps the union up to the first block that reaches its
+    target, so the result is exactly "add blocks until the target is met" (the last may overshoot)
+    without a Python loop per block. Images not finished after a chunk continue from their union with
+    the next chunk.
 
     Args:
-        targets: (B,) target fractions in (0, 1], on the generator's device.
+        targets: (B,) target fractions in (0, 1].
         grid: (gh, gw) cells.
         max_side_frac: longest block side as a fraction of the grid side (at least one cell).
-        generator: source of all randomness.
+        generator: source of all randomness (one draw seeds the block draws).
 
     Returns:
-        (B, gh, gw) bool.
+        (B, gh, gw) bool on `targets`' device.
     """
-    gh, gw = grid
-    batch = targets.numel()
-    max_cells = (max(1, int(max_side_frac * gh)), max(1, int(max_side_frac * gw)))
-    target_cells = targets.to(torch.float32) * (gh * gw)
-    # Enough blocks per chunk that one chunk almost always suffices: three times the blocks needed
-    # without overlap at the largest target (overlap and border clipping waste much of each block).
-    # Capped so the int16 running count below cannot overflow.
-    mean_area = (1 + max_cells[0]) / 2 * (1 + max_cells[1]) / 2
-    k = min(math.ceil(3.0 * float(target_cells.max()) / mean_area) + 4, 4096)
-    rows = torch.arange(batch, device=targets.device)
-    union = torch.zeros(batch, gh * gw, dtype=torch.bool, device=targets.device)
-    done = torch.zeros(batch, dtype=torch.bool, device=targets.device)
-    while not bool(done.all()):
-        blocks = _draw_blocks(batch, k, grid, max_cells, generator)
-        blocks[:, :, 0] |= union  # continue from the previous chunk's union
-        cum = torch.cumsum(blocks, dim=2, dtype=torch.int16) > 0  # (B, G, K): union after each block
-        reached = cum.sum(dim=1, dtype=torch.int32).to(torch.float32) >= target_cells[:, None]  # (B, K)
-        first = torch.where(reached.any(dim=1), reached.int().argmax(dim=1), k - 1)
-        union = torch.where(done[:, None], union, cum[rows, :, first])
-        done = done | reached.any(dim=1)
-    return union.view(batch, gh, gw)
+    cells = _grid_mask(targets.detach().cpu().numpy(), grid, max_side_frac, _numpy_rng(generator))
+    return torch.from_numpy(cells).to(targets.device)
 
 
 def _expand_cells(cells: torch.Tensor, align: int) -> torch.Tensor:
@@ -192,30 +212,6 @@ def _check_inputs(x: torch.Tensor, donors: torch.Tensor | None, align: int) -> N
         raise ValueError(f"image size {h}x{w} must be divisible by align={align}")
     if donors is not None and donors.shape != x.shape:
         raise ValueError(f"donors must have the shape of x {tuple(x.shape)}, got {tuple(donors.shape)}")
-
-
-def _fill(
-    x: torch.Tensor,
-    donors: torch.Tensor | None,
-    mask: torch.Tensor,
-    kind: torch.Tensor,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Replace masked pixels: N(0, 1) for noise images, the donor's pixels for replace images."""
-    is_rep = kind == KIND_REPLACE
-    noise_idx = (~is_rep).nonzero().flatten()
-    # Noise is drawn only for the noise images: drawing it is the costliest step of the corruption.
-    noise = torch.randn(
-        (noise_idx.numel(), *x.shape[1:]), generator=generator, device=generator.device, dtype=x.dtype
-    ).to(x.device)
-    if donors is None:
-        fill = noise
-    elif noise_idx.numel() == 0:
-        fill = donors
-    else:
-        fill = donors.clone()
-        fill[noise_idx] = noise
-    return torch.where(mask, fill, x)
 
 
 def corrupt(
@@ -245,16 +241,101 @@ def corrupt(
     if eff_align is None:
         raise ValueError("align must be set in CorruptionConfig or passed to corrupt (the patch size)")
     _check_inputs(x, donors, eff_align)
-    batch = x.shape[0]
-    kind = _draw_kinds(batch, generator, cfg)
-    targets = _draw_targets(kind, generator, cfg)
     grid = (x.shape[-2] // eff_align, x.shape[-1] // eff_align)
-    cells = grid_mask(targets, grid, cfg.max_side_frac, generator)
-    kind, cells = kind.to(x.device), cells.to(x.device)
-    if donors is None and bool((kind == KIND_REPLACE).any()):
+    return apply_corruption(x, donors, draw_corruption(generator, cfg, grid, x.shape[0]), eff_align)
+
+
+class CorruptionDraw(NamedTuple):
+    """The random part of the corruption of B images, drawn where it is cheap (a loader worker, from
+    each sample's generator) and applied where the pixels are (`apply_corruption`, e.g. on the GPU).
+
+    kind: (B,) long, 0 = noise, 1 = replace; cells: (B, gh, gw) bool block mask on the `align` grid;
+    noise_seed: (B,) int64, the seed of each image's N(0, 1) fill (drawn for every image, used by the
+    noise ones), so the fill is a function of the sample, not of the batch it lands in.
+    """
+
+    kind: torch.Tensor
+    cells: torch.Tensor
+    noise_seed: torch.Tensor
+
+
+def draw_corruption(
+    generator: torch.Generator, cfg: CorruptionConfig, grid: tuple[int, int], batch: int = 1
+) -> CorruptionDraw:
+    """Draw the kind, the target and the blocks of `batch` images (in that order), then a noise seed each.
+
+    Returns CPU tensors (`apply_corruption` moves them). One draw of `generator` seeds a numpy
+    generator that makes the rest (see `_numpy_rng`).
+
+    Args:
+        generator: the only source of randomness.
+        cfg: corruption settings.
+        grid: (gh, gw) cells of the block grid (image side // align).
+        batch: images to draw for.
+    """
+    rng = _numpy_rng(generator)
+    kind = _draw_kinds(batch, rng, cfg)
+    cells = _grid_mask(_draw_targets(kind, rng, cfg), grid, cfg.max_side_frac, rng)
+    seeds = rng.integers(0, 2**62, batch)
+    return CorruptionDraw(torch.from_numpy(kind), torch.from_numpy(cells), torch.from_numpy(seeds))
+
+
+def seeded_noise(
+    seeds: list[int], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(len(seeds), *shape) N(0, 1), row i drawn from a generator on `device` seeded with seeds[i].
+
+    One draw per image (not one for the batch) keeps each image's noise independent of its batch, rank
+    and position. The seeds are host integers: reading them from the device would stall it. The same
+    seed gives the same noise on the same kind of device (CPU and CUDA generators differ).
+    """
+    out = torch.empty((len(seeds), *shape), device=device, dtype=dtype)
+    generator = torch.Generator(device=device)
+    for i, seed in enumerate(seeds):
+        torch.randn(shape, generator=generator.manual_seed(int(seed)), out=out[i])
+    return out
+
+
+def apply_corruption(
+    x: torch.Tensor,
+    donors: torch.Tensor | None,
+    draw: CorruptionDraw,
+    align: int,
+    kind_on_host: list[int] | None = None,
+    seeds_on_host: list[int] | None = None,
+) -> Corrupted:
+    """Corrupt a batch with drawn blocks: N(0, 1) from each image's seed, or its donor's pixels.
+
+    Args:
+        x: (B, 1, H, W) standardised clean images; not modified.
+        donors: (B, 1, H, W) donor images (row i fills image i), or None when no image is of the replace kind.
+        draw: the batch's `CorruptionDraw` (on any device; cells are moved to `x`'s device).
+        align: pixels per cell of `draw.cells`.
+        kind_on_host, seeds_on_host: `draw.kind` / `draw.noise_seed` as host lists when those tensors
+            live on an accelerator (reading them back would stall it); None reads the tensors.
+
+    Returns:
+        `Corrupted(x, mask, kind)` on `x`'s device.
+    """
+    _check_inputs(x, donors, align)
+    kinds = kind_on_host if kind_on_host is not None else draw.kind.tolist()
+    seeds = seeds_on_host if seeds_on_host is not None else draw.noise_seed.tolist()
+    noise_rows = [i for i, k in enumerate(kinds) if k != KIND_REPLACE]
+    if donors is None and len(noise_rows) < len(kinds):
         raise ValueError("donors are required: some images drew the replace kind")
-    mask = _expand_cells(cells, eff_align)
-    return Corrupted(_fill(x, donors, mask, kind, generator), mask, kind)
+    if draw.cells.shape[-2:] != (x.shape[-2] // align, x.shape[-1] // align):
+        raise ValueError(f"cells {tuple(draw.cells.shape)} do not cover {tuple(x.shape)} at align={align}")
+    mask = _expand_cells(draw.cells.to(x.device, non_blocking=True), align)
+    noise = seeded_noise([seeds[i] for i in noise_rows], tuple(x.shape[1:]), x.device, x.dtype)
+    if donors is None:
+        fill = noise
+    elif not noise_rows:
+        fill = donors
+    else:
+        fill = donors.clone()
+        fill[torch.tensor(noise_rows, device=x.device)] = noise
+    kind = draw.kind.to(x.device, non_blocking=True)
+    return Corrupted(torch.where(mask, fill, x), mask, kind)
 
 
 def in_batch_donors(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

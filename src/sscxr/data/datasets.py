@@ -11,18 +11,20 @@ ones every epoch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from sscxr.data.cache import ImageCache
-from sscxr.data.corruption import CorruptionConfig, corrupt
-from sscxr.data.transforms import AugmentConfig, augment
+from sscxr.data.cache_format import _MAX
+from sscxr.data.corruption import CorruptionConfig, CorruptionDraw, apply_corruption, draw_corruption
+from sscxr.data.transforms import AugmentConfig, AugmentParams, apply_augment, augment, draw_augment
 from sscxr.errors import DataError
 from sscxr.utils import generator_for
 
-__all__ = ["CachedDataset", "GMMLDataset", "Sample", "cache_split_indices"]
+__all__ = ["GMML_HOST_KEYS", "CachedDataset", "GMMLDataset", "GMMLViews", "Sample", "cache_split_indices"]
 
 Sample = dict[str, torch.Tensor]
 
@@ -146,23 +148,41 @@ class CachedDataset(Dataset[Sample]):
         return sample
 
 
+#: Batch entries of a deferred GMML batch that stay on the host: `GMMLViews` reads them as Python
+#: numbers (which images need noise, and each one's seed); reading them back from a GPU would stall it.
+GMML_HOST_KEYS: frozenset[str] = frozenset({"kind", "noise_seed"})
+
+
 class GMMLDataset(CachedDataset):
     """GMML pre-training samples: an augmented clean image, its corruption and the corruption mask.
 
     Per sample, from one generator and in this order: the donor row (uniform among the other rows of
-    `indices`, never the image itself), the image's augmentation, the donor's own augmentation, then
-    `corrupt`. The donor is drawn from the dataset rather than the batch so that each sample stays a
-    pure function of (seed, epoch, row), independent of batch composition.
+    `indices`, never the image itself), the image's augmentation draws, the donor's own, then the
+    corruption's (`draw_corruption`: kind, target, blocks, noise seed). The donor is drawn from the
+    dataset rather than the batch so that each sample stays a pure function of (seed, epoch, row),
+    independent of batch composition.
+
+    Two ways to serve the same samples (`deferred`):
+    - False: each sample is finished in the loader worker (`GMMLViews` on a batch of one).
+    - True: the sample holds the cached uint16 pixels of the image and its donor plus the draws, under
+      half the bytes (4 per pixel against 9); the training step finishes the whole batch on its device
+      (`GMMLViews`: batched warp, intensity jitter and corruption), so a GPU is not fed by CPU-bound
+      loader workers.
+    Both give the same tensors (on one kind of device): the draws are made in the same place.
 
     Args:
         cache, indices, augment, seed: as `CachedDataset`.
         corruption_cfg: GMML corruption settings.
         patch_size: block grid of the corruption when `corruption_cfg.align` is None.
         normalize: (mean, std); None = the cache's own statistics (GMML.md: not ImageNet's).
+        deferred: serve raw pixels and draws instead of finished samples.
 
-    `dataset[k]`: "image" (1, S, S) clean standardised, "corrupted" (1, S, S), "mask" (1, S, S) bool
-    (True = manipulated pixel), "kind" () long (0 noise, 1 replace), "index" () long, "donor" () long
-    (donor row; -1 when the corruption uses no donors).
+    `dataset[k]` (not deferred): "image" (1, S, S) clean standardised, "corrupted" (1, S, S), "mask"
+    (1, S, S) bool (True = manipulated pixel), "kind" () long (0 noise, 1 replace), "index" () long,
+    "donor" () long (donor row; -1 when the corruption uses no donors). Deferred: "pixels" (1, S, S)
+    uint16, with augmentation "theta" (2, 3) and "intensity" (3,); with donors "donor_pixels",
+    "donor_theta", "donor_intensity"; "cells" (gh, gw) bool, "kind", "noise_seed" () int64, "index",
+    "donor".
     """
 
     def __init__(
@@ -174,6 +194,7 @@ class GMMLDataset(CachedDataset):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         normalize: tuple[float, float] | None = None,
+        deferred: bool = False,
     ) -> None:
         super().__init__(
             cache,
@@ -186,12 +207,16 @@ class GMMLDataset(CachedDataset):
             raise ValueError(
                 "the replace corruption needs at least 2 images (a donor is never the image itself)"
             )
-        if cache.size % (corruption_cfg.align or patch_size):
-            raise ValueError(
-                f"cache size {cache.size} is not divisible by the corruption grid "
-                f"{corruption_cfg.align or patch_size}"
-            )
-        self.corruption_cfg, self.patch_size = corruption_cfg, patch_size
+        self.align = corruption_cfg.align or patch_size
+        if cache.size % self.align:
+            raise ValueError(f"cache size {cache.size} is not divisible by the corruption grid {self.align}")
+        self.corruption_cfg, self.patch_size, self.deferred = corruption_cfg, patch_size, deferred
+
+    @property
+    def views(self) -> GMMLViews:
+        """What turns this dataset's deferred samples into finished ones."""
+        assert self.normalize is not None  # always set for GMML (the cache's statistics by default)
+        return GMMLViews(self.normalize, self.align)
 
     def donor_position(self, k: int, generator: torch.Generator) -> int:
         """Position (in `indices`) of sample k's donor: uniform over the others, drawn from `generator`."""
@@ -202,21 +227,77 @@ class GMMLDataset(CachedDataset):
             return -1  # no other image; only possible when the corruption uses no donors
         return j + 1 if j >= k else j  # skip k itself
 
-    def __getitem__(self, k: int) -> Sample:
+    def _raw(self, row: int, g: torch.Generator, prefix: str, sample: Sample) -> None:
+        """Put row's cached pixels and (when augmenting) its augmentation draws into `sample`."""
+        sample[f"{prefix}pixels"] = torch.from_numpy(self.cache.image(row))[None]
+        if self.augment_cfg is not None:
+            params = draw_augment(g, self.augment_cfg, self.cache.size, self.cache.size)
+            sample[f"{prefix}theta"], sample[f"{prefix}intensity"] = params.theta[0], params.intensity[0]
+
+    def deferred_sample(self, k: int) -> Sample:
+        """Sample k as cached pixels plus every random draw (what the loader ships when `deferred`)."""
         row = int(self.indices[k])
         g = self.generator(k)
         donor_k = self.donor_position(k, g)
-        image, _ = self._load(row, g, with_mask=False)
-        donor, donor_row = None, -1
+        sample: Sample = {}
+        self._raw(row, g, "", sample)
+        donor_row = -1
         if self.corruption_cfg.uses_donors:
             donor_row = int(self.indices[donor_k])
-            donor = self._load(donor_row, g, with_mask=False)[0][None]
-        out = corrupt(image[None], donor, g, self.corruption_cfg, self.patch_size)
+            self._raw(donor_row, g, "donor_", sample)
+        grid = (self.cache.size // self.align,) * 2
+        draw = draw_corruption(g, self.corruption_cfg, grid)
+        sample.update(cells=draw.cells[0], kind=draw.kind[0], noise_seed=draw.noise_seed[0])
+        sample.update(index=torch.tensor(row), donor=torch.tensor(donor_row))
+        return sample
+
+    def __getitem__(self, k: int) -> Sample:
+        raw = self.deferred_sample(k)
+        if self.deferred:
+            return raw
+        batch = self.views(default_collate([raw]))
+        return {key: value[0] for key, value in batch.items()}
+
+
+@dataclass(frozen=True)
+class GMMLViews:
+    """Turns a batch of deferred GMML samples into finished ones, on the batch's device.
+
+    Args:
+        normalize: (mean, std) of the standardisation (applied after augmentation).
+        align: pixels per corruption cell.
+
+    Calling it on a deferred batch (keys of `GMMLDataset.deferred_sample`, stacked; "kind" and
+    "noise_seed" may stay on the host, see `GMML_HOST_KEYS`) returns "image", "corrupted" (B, 1, S, S)
+    float32, "mask" (B, 1, S, S) bool, "kind" (B,) long on the pixels' device, and "index", "donor".
+    A batch that is already finished (no "pixels") is returned as it is.
+    """
+
+    normalize: tuple[float, float]
+    align: int
+
+    def _clean(self, batch: Sample, prefix: str) -> torch.Tensor:
+        """(B, 1, S, S) float32: cached pixels to [0, 1], the drawn augmentation, standardisation."""
+        x = batch[f"{prefix}pixels"].float().div_(_MAX)  # as ImageCache.image_float
+        if f"{prefix}theta" in batch:
+            x, _ = apply_augment(x, AugmentParams(batch[f"{prefix}theta"], batch[f"{prefix}intensity"]))
+        return x.sub_(self.normalize[0]).div_(self.normalize[1])  # x is a new tensor: in place
+
+    @torch.no_grad()
+    def __call__(self, batch: Sample) -> Sample:
+        if "pixels" not in batch:
+            return batch
+        # Data preparation, not the model: full float32 even inside the step's autocast.
+        with torch.autocast(batch["pixels"].device.type, enabled=False):
+            image = self._clean(batch, "")
+            donors = self._clean(batch, "donor_") if "donor_pixels" in batch else None
+            draw = CorruptionDraw(batch["kind"], batch["cells"], batch["noise_seed"])
+            out = apply_corruption(image, donors, draw, self.align)
         return {
             "image": image,
-            "corrupted": out.x[0],
-            "mask": out.mask[0],
-            "kind": out.kind[0],
-            "index": torch.tensor(row, dtype=torch.long),
-            "donor": torch.tensor(donor_row, dtype=torch.long),
+            "corrupted": out.x,
+            "mask": out.mask,
+            "kind": out.kind,
+            "index": batch["index"],
+            "donor": batch["donor"],
         }

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,11 +132,23 @@ def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def all_true(flag: torch.Tensor) -> bool:
     """True when `flag` (a bool scalar tensor) is true on every rank: one host sync."""
+    return bool(all_true_tensor(flag).item())
+
+
+def all_true_tensor(flag: torch.Tensor) -> torch.Tensor:
+    """`flag` (a bool scalar tensor) ANDed over every rank, as a bool scalar on `flag`'s device.
+
+    No host sync where the collective runs on `flag`'s device (nccl with CUDA tensors, gloo with CPU
+    ones): the all-reduce is queued like any other kernel, so the caller can act on the result on the
+    device (e.g. fused AdamW's `found_inf`) without stalling.
+    """
     value = flag.detach().reshape(()).to(torch.int32)
     if _is_initialized() and tdist.get_world_size() > 1:
+        device = value.device
         value = value.to(_collective_device())
         tdist.all_reduce(value, op=tdist.ReduceOp.MIN)
-    return bool(value.item())
+        value = value.to(device)
+    return value.bool()
 
 
 def gather_objects(obj: Any) -> list[Any]:
@@ -255,10 +267,12 @@ def precision_autocast(device: torch.device, precision: str) -> torch.autocast:
     return autocast(device, resolve_amp("off" if precision == "fp32" else precision, device))
 
 
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move every tensor of a batch to `device` (non-blocking: loaders pin memory on CUDA)."""
+def to_device(batch: Mapping[str, Any], device: torch.device, keep: Collection[str] = ()) -> dict[str, Any]:
+    """Move every tensor of a batch to `device` (non-blocking: loaders pin memory on CUDA), except the
+    entries named in `keep` (`Task.host_keys`: values the task reads on the host)."""
     if not isinstance(batch, Mapping):
         raise TypeError(f"a batch must be a dict of tensors, got {type(batch).__name__}")
     return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in keep else v
+        for k, v in batch.items()
     }

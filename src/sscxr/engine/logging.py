@@ -128,12 +128,13 @@ class StepMeter:
     """Running means of the per-step logs and the throughput since the last `summary`.
 
     Values stay on the device until `summary`, which averages them over ranks in one collective: the
-    only host sync of the logging path.
+    only host sync of the logging path. A step's logs may carry a device-side weight (1 = counted, 0 =
+    a skipped step), so that the training loop need not know on the host which steps were skipped.
     """
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
-        self._steps = 0
+        self._weight: torch.Tensor | None = None  # summed weights of the steps in `_sums`
         self._seen = 0
         self._t0 = time.perf_counter()
 
@@ -141,30 +142,49 @@ class StepMeter:
         """Start a new throughput window (e.g. after validation, which should not count)."""
         self._t0, self._seen = time.perf_counter(), 0
 
-    def add(self, logs: Mapping[str, torch.Tensor] | None) -> None:
-        """Record one optimiser step: its logs, or None for a skipped step (counted for throughput only)."""
+    def add(self, logs: Mapping[str, torch.Tensor] | None, weight: torch.Tensor | None = None) -> None:
+        """Record one optimiser step (every step counts for throughput).
+
+        Args:
+            logs: the step's scalar logs, or None for a step known on the host to be skipped.
+            weight: the step's weight in the means as a scalar tensor (0 or 1; None = 1). A step of
+                weight 0 adds nothing, even where its values are NaN, and costs no host sync.
+        """
         self._seen += 1
-        if logs is None:
+        if not logs:
             return
         for name, value in logs.items():
             value = value.detach().float()
+            if weight is not None:
+                # where, not a product: NaN * 0 is NaN, and a skipped step's loss is often NaN.
+                value = torch.where(weight > 0, value * weight, 0.0)
             self._sums[name] = self._sums[name] + value if name in self._sums else value
-        self._steps += 1
+        if weight is None:
+            weight = torch.ones((), device=next(iter(logs.values())).device)
+        weight = weight.detach().float().reshape(())
+        self._weight = weight if self._weight is None else self._weight + weight
 
     def summary(self, samples_per_step: int) -> dict[str, float]:
         """Means over steps and ranks, plus `img_per_s` (global); resets the window.
 
-        Every rank must call it at the same step (it is a collective).
+        Metrics are left out when no step of the window counted (all skipped). Every rank must call it
+        at the same step (it is a collective); the weights must agree across ranks (the training loop's
+        skip decision is all-reduced).
         """
         from sscxr.engine.distributed import all_reduce_mean  # deferred: avoids an import cycle
 
         now = time.perf_counter()
         out = {"img_per_s": self._seen * samples_per_step / max(now - self._t0, 1e-9)}
-        if self._steps:
-            means = all_reduce_mean({k: v / self._steps for k, v in self._sums.items()})
+        if self._weight is not None:
+            # The same weight on every rank: the mean over ranks of sum / weight is the global mean.
+            scale = self._weight.clamp(min=1.0)
+            means = all_reduce_mean({k: v / scale for k, v in self._sums.items()})
             keys = sorted(means)
-            out.update(zip(keys, torch.stack([means[k] for k in keys]).cpu().tolist(), strict=True))
-        self._sums, self._steps, self._seen, self._t0 = {}, 0, 0, now
+            values = torch.stack([*(means[k] for k in keys), self._weight.to(means[keys[0]].device)])
+            *numbers, weight = values.cpu().tolist()  # the one host sync
+            if weight > 0:
+                out.update(zip(keys, numbers, strict=True))
+        self._sums, self._weight, self._seen, self._t0 = {}, None, 0, now
         return out
 
 

@@ -147,11 +147,13 @@ def build_eval_loader(
     workers: int = 0,
     pin_memory: bool = False,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    persistent: bool = False,
 ) -> DataLoader[Any]:
     """This rank's evaluation loader: natural order, no padding, no dropped tail.
 
     Shards may differ by one sample between ranks; metrics gathered over ranks then count every sample
-    exactly once (a padding sampler would count some twice).
+    exactly once (a padding sampler would count some twice). `persistent` keeps the workers between
+    passes (`workers` > 0): evaluation samples do not change between passes.
     """
     sampler = ShardedSampler(len(dataset), world_size, rank, shuffle=False, drop_last=False, pad=False)  # type: ignore[arg-type]
     return build_loader(
@@ -163,4 +165,5 @@ def build_eval_loader(
         pin_memory=pin_memory,
         drop_last=False,
         collate_fn=collate_fn,
+        persistent=persistent,
     )

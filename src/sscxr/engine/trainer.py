@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from sscxr.engine.config import OptimConfig, TrainConfig
 from sscxr.engine.distributed import (
     DistInfo,
     all_true,
+    all_true_tensor,
     autocast,
     barrier,
     broadcast_object,
@@ -205,20 +206,23 @@ def evaluate(
     workers: int = 0,
     pin_memory: bool = False,
     collate_fn: Collate | None = None,
+    loader: Iterable[Any] | None = None,
 ) -> dict[str, float]:
     """Run `task.validation_step` over this rank's unpadded shard and return `task.compute_metrics()`.
 
     Every rank must call it (the task gathers its accumulators across ranks in `compute_metrics`).
     `validation_step` itself must not run collectives: with uneven shards ranks see different batch counts.
+    `loader`: a loader from `build_eval_loader` to reuse (its workers may persist); None builds one.
     """
-    kw = {"workers": workers, "pin_memory": pin_memory, "collate_fn": collate_fn}
-    loader = build_eval_loader(dataset, dist.world_size, dist.rank, batch_size, **kw)
+    if loader is None:
+        kw = {"workers": workers, "pin_memory": pin_memory, "collate_fn": collate_fn}
+        loader = build_eval_loader(dataset, dist.world_size, dist.rank, batch_size, **kw)
     was_training = task.training
     task.eval()
     task.reset_metrics()
     with autocast(dist.device, amp_dtype):
         for batch in loader:
-            task.validation_step(to_device(batch, dist.device))
+            task.validation_step(to_device(batch, dist.device, keep=task.host_keys))
     metrics = task.compute_metrics()
     task.train(was_training)
     return {k: float(v) for k, v in metrics.items()}
@@ -291,7 +295,18 @@ class _Loop:
         self.metrics = MetricsLogger(run_dir, enabled=dist.is_main, tensorboard=tcfg.tensorboard)
         self.meter = StepMeter()
         self._bad_run = 0
+        # Fused AdamW skips a step on the device when handed `found_inf`, as torch's GradScaler does:
+        # no host sync per step. fp16 keeps the GradScaler's own skipping, which syncs in `scaler.step`
+        # anyway, and a non-fused AdamW cannot skip on the device: both decide on the host (`all_true`).
+        self._skip_on_device = not self.scaler.is_enabled() and all(
+            g.get("fused") for g in self.optimizer.param_groups
+        )
+        # (step, ok) of the device-skipped steps whose outcome the host has not read yet (`_resolve`): a
+        # streak is noticed at the next log, save or epoch end, and the skipped steps meanwhile change
+        # nothing but the step count (the weights, moments and last.pt stay healthy).
+        self._pending: list[tuple[int, torch.Tensor]] = []
         self._persistent_loader: Any = None
+        self._val_loader: Any = None
         self._announce(lr, ocfg)
 
     def _announce(self, lr: float, ocfg: OptimConfig) -> None:
@@ -315,6 +330,8 @@ class _Loop:
         if self.dist.world_size > 1:
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
             # Gradients as views of the all-reduce buckets: no second copy of every gradient.
+            # Not static_graph: a trial (GMMLTask, 2 gloo processes) moved every weight by about one
+            # AdamW step away from the single-process run.
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.task, device_ids=ids, gradient_as_bucket_view=True
             )
@@ -418,21 +435,21 @@ class _Loop:
             for i in range(done, self.steps_per_epoch):
                 self._optimizer_step(batches)
                 bar.update(1)
+                # The skip outcomes are read where the host syncs anyway: logging, saving, the end.
                 if s.step % t.log_every == 0:
+                    self._resolve()
                     bar.set_postfix(self._log_train(), refresh=False)
                 if t.max_steps is not None and s.step >= t.max_steps:
+                    self._resolve()
                     return i + 1 == self.steps_per_epoch
-                # No mid-epoch save during a non-finite streak: last.pt keeps the last healthy state.
-                healthy = self._bad_run == 0
-                if (
-                    t.checkpoint_every
-                    and s.step % t.checkpoint_every == 0
-                    and i + 1 < self.steps_per_epoch
-                    and healthy
-                ):
-                    self._save()
+                if t.checkpoint_every and s.step % t.checkpoint_every == 0 and i + 1 < self.steps_per_epoch:
+                    self._resolve()
+                    # No mid-epoch save during a non-finite streak: last.pt keeps the last healthy state.
+                    if self._bad_run == 0:
+                        self._save()
         finally:
             bar.close()
+        self._resolve()
         return True
 
     def _optimizer_step(self, batches: Iterator[Any]) -> None:
@@ -442,7 +459,7 @@ class _Loop:
         set_optim_values(self.optimizer, float(self.lr_at[i]), float(self.wd_at[i]), self.wd_mults)
         logs: dict[str, torch.Tensor] = {}
         for k in range(accum):
-            batch = to_device(next(batches), self.dist.device)
+            batch = to_device(next(batches), self.dist.device, keep=self.task.host_keys)
             # DDP all-reduces gradients once, in the backward of the last micro-batch.
             last = k == accum - 1
             sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
@@ -458,29 +475,65 @@ class _Loop:
         finite = torch.isfinite(logs["loss"])
         if not self.scaler.is_enabled():  # with fp16 the scaler itself skips steps with inf gradients
             finite = finite & torch.isfinite(logs["grad_norm"])
-        # One host sync per step: every rank must agree on skipping before the optimiser runs.
-        self._apply_update(all_true(finite), logs)
+        if self._skip_on_device:
+            # Every rank must agree on skipping: the all-reduce stays on the device, like the skip.
+            self._skip_on_device_step(all_true_tensor(finite), logs)
+        else:
+            # One host sync per step: every rank must agree on skipping before the optimiser runs.
+            self._apply_update(all_true(finite), logs)
+
+    def _skip_on_device_step(self, ok: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
+        """One fused AdamW update that the device itself skips unless `ok`; the host learns later.
+
+        Fused Adam(W) reads the `found_inf` attribute (the protocol of optimisers with
+        `_step_supports_amp_scaling`, which GradScaler uses): where it is 1 the kernel leaves the
+        parameters and moments alone and the step counters are put back.
+        """
+        s = self.state
+        self.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf  # type: ignore[attr-defined]  # GradScaler removes it too
+        self.optimizer.zero_grad(set_to_none=True)
+        self.meter.add(logs, weight=ok.float())
+        self._pending.append((s.step, ok))
+        s.step += 1
+        s.sample_in_epoch += self.per_step
+
+    def _resolve(self) -> None:
+        """Read the pending skip outcomes (one host sync) and replay them in order on the host."""
+        if not self._pending:
+            return
+        steps = [step for step, _ in self._pending]
+        oks = torch.stack([ok for _, ok in self._pending]).cpu().tolist()
+        self._pending = []
+        for step, ok in zip(steps, oks, strict=True):
+            self._record_outcome(step, bool(ok))
 
     def _apply_update(self, ok: bool, logs: dict[str, torch.Tensor]) -> None:
         s = self.state
         if ok:
             self.scaler.step(self.optimizer)
-            self._bad_run = 0
-        else:
-            self._bad_run += 1
-            s.nonfinite_steps += 1
-            log.warning(
-                "step %d: non-finite loss or gradient, update skipped (%d in a row)", s.step, self._bad_run
-            )
         self.scaler.update()  # also after a skip: it resets the scaler's per-step bookkeeping
         self.optimizer.zero_grad(set_to_none=True)
         self.meter.add(logs if ok else None)
         s.step += 1
         s.sample_in_epoch += self.per_step
+        self._record_outcome(s.step - 1, ok)
+
+    def _record_outcome(self, step: int, ok: bool) -> None:
+        """Count step `step`'s outcome: warn on a skip, raise after MAX_CONSECUTIVE_NONFINITE in a row."""
+        if ok:
+            self._bad_run = 0
+            return
+        self._bad_run += 1
+        self.state.nonfinite_steps += 1
+        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, self._bad_run)
         if self._bad_run >= MAX_CONSECUTIVE_NONFINITE:
             raise NonFiniteLossError(
                 f"{self._bad_run} optimiser steps in a row had a non-finite loss or gradient (last: step "
-                f"{s.step - 1}); training stopped. {self.ckpt_dir / 'last.pt'} holds the last good state: "
+                f"{step}); training stopped. {self.ckpt_dir / 'last.pt'} holds the last good state: "
                 "lower optim.blr, set optim.clip_grad or train.amp=off, check the data, then resume"
             )
 
@@ -503,14 +556,16 @@ class _Loop:
         metrics: dict[str, float] = {}
         every = self.plan.val_every
         if self.val_set is not None and ((s.epoch + 1) % every == 0 or s.epoch + 1 == self.epochs):
+            if self._val_loader is None:
+                # Built once: with workers, they persist between validations (the samples do not change).
+                self._val_loader = build_eval_loader(
+                    self.val_set, self.dist.world_size, self.dist.rank, t.batch_size, **self.loader_kw,
+                    persistent=t.workers > 0,
+                )  # fmt: skip
             raw = evaluate(
-                self.task,
-                self.val_set,
-                self.dist,
-                batch_size=t.batch_size,
-                amp_dtype=self.amp_dtype,
-                **self.loader_kw,
-            )
+                self.task, self.val_set, self.dist, batch_size=t.batch_size, amp_dtype=self.amp_dtype,
+                loader=self._val_loader,
+            )  # fmt: skip
             metrics = {f"val/{k}": v for k, v in raw.items()}
             self.metrics.log("val", metrics, s.step, s.epoch)
             log.info("epoch %d: %s", s.epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -530,6 +585,7 @@ class _Loop:
 
     def _save(self) -> Path:
         """Write `last.pt` on rank 0 (every rank takes part: the RNG states are gathered)."""
+        self._resolve()  # a checkpoint holds resolved counts (a no-op where the caller resolved)
         rng = gather_rng_state(self.dist.world_size)
         path = self.ckpt_dir / "last.pt"
         if self.dist.is_main:

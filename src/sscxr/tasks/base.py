@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,13 +53,28 @@ def reduce_sum(t: torch.Tensor) -> torch.Tensor:
     Returns:
         A new tensor on `t`'s device with the element-wise sum over ranks.
     """
+    return reduce_sum_async(t)()
+
+
+def reduce_sum_async(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start summing `t` over all processes; the returned function waits for and returns the sum.
+
+    The collective runs while the caller computes (e.g. a forward pass between the two), so a rank
+    rarely waits for it. Every rank must start the same reductions in the same order. In a single
+    process the function returns `t` itself.
+    """
     if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return t
+        return lambda: t
     work = t.detach().clone()
     if tdist.get_backend() == "nccl" and not work.is_cuda:
         work = work.cuda()
-    tdist.all_reduce(work, op=tdist.ReduceOp.SUM)
-    return work.to(t.device)
+    handle = tdist.all_reduce(work, op=tdist.ReduceOp.SUM, async_op=True)
+
+    def result() -> torch.Tensor:
+        handle.wait()
+        return work.to(t.device)
+
+    return result
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,10 @@ class Task(nn.Module, abc.ABC):
     `forward(batch)` calls `training_step` so that DistributedDataParallel can wrap the task itself.
     Only `training_step` is required; the other hooks have harmless defaults.
     """
+
+    #: Batch entries the engine leaves on the host when it moves a batch to the device: ones the task
+    #: reads as Python numbers, which would cost a device-to-host sync if they travelled.
+    host_keys: frozenset[str] = frozenset()
 
     def forward(self, batch: Batch) -> StepOutput:  # type: ignore[override]
         """Alias of `training_step` (DDP calls `forward`)."""

@@ -1,9 +1,11 @@
 """GMML pre-training as a Task for the one training engine.
 
-The corruption happens in the data pipeline (`GMMLDataset`), per sample and seeded by
-(seed, epoch, index): each sample's corruption is then independent of which rank or batch it lands in,
-so N processes compute exactly what one process computes with the same global batch, and a resumed run
-continues bit for bit. The task only runs the model and the masked L1 loss.
+Every random draw of a sample (donor, augmentation, corruption) is made in the data pipeline
+(`GMMLDataset`), seeded by (seed, epoch, index): each sample's corruption is then independent of which
+rank or batch it lands in, so N processes compute exactly what one process computes with the same
+global batch, and a resumed run continues bit for bit. Where the draws are *applied* is
+`gmml.augment_on`: in the loader workers, or in the training step on the training device (`GMMLViews`),
+which is what keeps a GPU busy. The task then runs the model and the masked L1 loss.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from sscxr.data.datasets import GMMLDataset
+from sscxr.data.datasets import GMML_HOST_KEYS, GMMLDataset, GMMLViews
 from sscxr.errors import ConfigError, DataError
 from sscxr.models.gmml import GMMLModel, default_recon_blocks, masked_l1_loss
 from sscxr.models.loading import Normalization, export_encoder
 from sscxr.models.vit import ViTConfig, build_vit
-from sscxr.tasks.base import Batch, StepOutput, Task, TrainedWeights, reduce_sum
+from sscxr.tasks.base import Batch, StepOutput, Task, TrainedWeights, reduce_sum, reduce_sum_async
 from sscxr.tasks.common import open_cache
 from sscxr.viz.recon import reconstruction_grid
 
@@ -44,7 +46,14 @@ class GMMLTask(Task):
         normalization: the intensity standardisation the model was trained with.
         vis_batch: a fixed batch (`image`, `corrupted`, `mask`: (N, 1, H, W)) drawn each epoch.
         extra_export: metadata stored with the exported encoder (data manifest hash, ...).
+        snapshot_every: export the encoder every N epochs (0: never).
+        align: pixels per corruption cell of deferred batches (default: the patch size).
+
+    Batches may be finished samples or deferred ones (`GMMLDataset(deferred=True)`); deferred ones are
+    finished on the step's device first. "kind" and "noise_seed" stay on the host (`host_keys`).
     """
+
+    host_keys = GMML_HOST_KEYS
 
     def __init__(
         self,
@@ -54,8 +63,10 @@ class GMMLTask(Task):
         vis_batch: Batch | None = None,
         extra_export: dict[str, Any] | None = None,
         snapshot_every: int = 0,
+        align: int | None = None,
     ) -> None:
         super().__init__()
+        self.views = GMMLViews((normalization.mean, normalization.std), align or vit_cfg.patch_size)
         self.snapshot_every = int(snapshot_every)
         self._t0: float | None = None  # wall clock of the first training step of this process
         self.model = model
@@ -67,24 +78,28 @@ class GMMLTask(Task):
         self._val_count = 0.0
 
     def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = self.model(batch["corrupted"])
         mask = batch["mask"].bool()
         # Normalise by the global masked-pixel count (over all ranks) divided by the world size: DDP's
         # gradient averaging then yields exactly the single-process gradient of the global batch. The
         # count is an exact integer sum, never summed in the model's (bf16) dtype: 8 mantissa bits
-        # would put a relative error of up to 4e-3 on every loss.
-        count = reduce_sum(mask.sum().to(torch.float64)).float()
-        loss = masked_l1_loss(pred.float(), batch["image"].float(), mask, denominator=count / _world_size())
+        # would put a relative error of up to 4e-3 on every loss. Its all-reduce runs during the
+        # forward pass, so no rank waits for it.
+        count = reduce_sum_async(mask.sum().to(torch.float64))
+        pred = self.model(batch["corrupted"])
+        denominator = count().float() / _world_size()
+        loss = masked_l1_loss(pred.float(), batch["image"].float(), mask, denominator=denominator)
         return loss, pred
 
     def training_step(self, batch: Batch) -> StepOutput:
         if self._t0 is None:
             self._t0 = time.monotonic()
+        batch = self.views(batch)
         loss, _ = self._loss(batch)
         return StepOutput(loss=loss, logs={"loss": loss.detach(), "mask_frac": batch["mask"].float().mean()})
 
     @torch.no_grad()
     def validation_step(self, batch: Batch) -> None:
+        batch = self.views(batch)
         pred = self.model(batch["corrupted"]).float()
         mask = batch["mask"].float()
         self._val_sum += float(((pred - batch["image"].float()).abs() * mask).sum())
@@ -147,21 +162,44 @@ def _check_recon_blocks(blocks: list[int], depth: int) -> None:
         )
 
 
-def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDataset, GMMLDataset | None]:
+AUGMENT_ON = ("auto", "loader", "step")
+
+
+def resolve_augment_on(value: str, device: torch.device) -> str:
+    """`gmml.augment_on` for a run on `device`: "loader" or "step".
+
+    "auto" is "step" on accelerators (a GPU outruns the loader workers that would feed it finished
+    samples) and "loader" on CPUs (there the step and the workers share the same cores; measured in
+    benchmarks/bench_gmml_pipeline.py, docs/design.md).
+    """
+    if value not in AUGMENT_ON:
+        raise ConfigError(f"gmml.augment_on={value!r}: choose one of {', '.join(AUGMENT_ON)}")
+    if value != "auto":
+        return value
+    return "loader" if device.type == "cpu" else "step"
+
+
+def build_pretraining(
+    cfg: PretrainConfig, seed: int, device: torch.device | None = None
+) -> tuple[GMMLTask, GMMLDataset, GMMLDataset | None]:
     """Build the GMML task and its train/val datasets from a prepared cache.
 
     Args:
         cfg: the resolved pre-training config.
         seed: base seed of the per-sample randomness (augmentation, corruption, donors).
+        device: where training runs (resolves `gmml.augment_on: auto`); None = the CPU.
 
     Returns:
         (task, train_set, val_set); val_set is None when the cache has no images in `data.val_split`.
+        With `augment_on` "step" the datasets are deferred (`GMMLDataset(deferred=True)`).
 
     Raises:
-        ConfigError: `gmml.recon_blocks` outside 1..depth, or not reaching the last block.
+        ConfigError: `gmml.recon_blocks` outside 1..depth, or not reaching the last block; an unknown
+            `gmml.augment_on`.
     """
     blocks = cfg.gmml.recon_blocks or list(default_recon_blocks(cfg.model.depth))
     _check_recon_blocks(blocks, cfg.model.depth)
+    deferred = resolve_augment_on(cfg.gmml.augment_on, device or torch.device("cpu")) == "step"
     cache = open_cache(cfg.data.cache, cfg.model.img_size, cfg.data.allow_leakage)
     mean, std = cache.stats
     norm = Normalization(mean=float(mean), std=float(std))
@@ -176,7 +214,7 @@ def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDat
         )
     val_idx = cache.indices(split=cfg.data.val_split) if cfg.data.val_split in cfg.gmml.splits else []
 
-    def dataset(indices: np.ndarray, augment: bool) -> GMMLDataset:
+    def dataset(indices: np.ndarray, augment: bool, deferred: bool = deferred) -> GMMLDataset:
         return GMMLDataset(
             cache,
             np.sort(indices),
@@ -185,11 +223,13 @@ def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDat
             augment=cfg.data.augment if augment else None,
             seed=seed,
             normalize=(norm.mean, norm.std),
+            deferred=deferred,
         )
 
     train_set = dataset(train_idx, augment=True)
     val_set = dataset(np.asarray(val_idx), augment=False) if len(val_idx) else None
-    vis_source = val_set if val_set is not None else dataset(train_idx, augment=False)
+    # The picture's few images are finished here, whatever the training pipeline.
+    vis_source = dataset(val_idx if len(val_idx) else train_idx, augment=False, deferred=False)
     vis_batch = default_collate([vis_source[k] for k in range(min(cfg.gmml.n_vis, len(vis_source)))])
     vis_batch = {k: v for k, v in vis_batch.items() if k in ("image", "corrupted", "mask")}
 
@@ -198,5 +238,5 @@ def build_pretraining(cfg: PretrainConfig, seed: int) -> tuple[GMMLTask, GMMLDat
         encoder, recon_blocks=blocks, hidden=cfg.gmml.decoder_hidden, bottleneck=cfg.gmml.decoder_bottleneck
     )
     extra = {"cache": str(cfg.data.cache), "manifest_hash": cache.manifest_hash}
-    task = GMMLTask(model, cfg.model, norm, vis_batch, extra, snapshot_every=cfg.gmml.snapshot_every)
+    task = GMMLTask(model, cfg.model, norm, vis_batch, extra, cfg.gmml.snapshot_every, align=train_set.align)
     return task, train_set, val_set

@@ -1,0 +1,123 @@
+"""Where GMML's augmentation and corruption should run: in the loader (per sample) or in the step (batched).
+
+    python benchmarks/bench_gmml_pipeline.py [--cache DIR] [--size 256] [--n 256] [--batch 64] [--device cuda]
+
+For `gmml.augment_on` "loader" and "step", prints:
+- the loader's CPU cost per sample (`dataset[k]`: what each DataLoader worker spends) and the bytes a
+  sample ships from the worker to the training process;
+- the step's cost per batch of `GMMLViews` on each device (the work "step" moves out of the workers);
+- images/s through a DataLoader with `num_workers=0` feeding the step's views, on the CPU: the whole
+  pipeline cost when loader and step share the same cores, which decides `augment_on: auto` there.
+Without `--cache`, a cache of smooth 16-bit test images is generated in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate
+
+from sscxr.data.cache import ImageCache, prepare
+from sscxr.data.corruption import CorruptionConfig
+from sscxr.data.datasets import GMML_HOST_KEYS, GMMLDataset
+from sscxr.data.transforms import AugmentConfig
+from sscxr.engine.distributed import to_device
+
+
+def _make_cache(folder: Path, n: int, size: int) -> Path:
+    """n generated 16-bit images at `size` px, prepared into `folder/cache`."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    rows = []
+    for i in range(n):
+        body = 0.5 + 0.3 * np.sin(5 * xx + rng.uniform(0, 3)) * np.cos(3 * yy)
+        noisy = np.clip(body + 0.03 * rng.standard_normal((size, size), dtype=np.float32), 0, 1)
+        Image.fromarray((noisy * 65535).astype(np.uint16)).save(folder / f"{i}.png")
+        rows.append([f"{i}.png", "", f"p{i}", "bench", "train"])
+    with open(folder / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "patient_id", "site", "split"])
+        w.writerows(rows)
+    prepare(folder / "m.csv", folder / "cache", size=size, workers=0, progress=False)
+    return folder / "cache"
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _nbytes(sample: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in sample.values())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", type=Path, default=None)
+    p.add_argument("--size", type=int, default=256, help="image size of the generated cache")
+    p.add_argument("--n", type=int, default=256, help="images in the generated cache")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--device", action="append", default=None, help="devices for the step (default: cpu)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = ImageCache.open(args.cache or _make_cache(Path(tmp), args.n, args.size))
+        idx = cache.indices()
+        kw = dict(corruption_cfg=CorruptionConfig(), patch_size=args.patch, augment=AugmentConfig(), seed=0)
+        loader_ds = GMMLDataset(cache, idx, **kw)
+        step_ds = GMMLDataset(cache, idx, deferred=True, **kw)
+        n = min(len(idx), 4 * args.batch)
+        print(
+            f"cache {cache.root} : {len(idx)} images at {cache.size} px, batch {args.batch}, "
+            f"{torch.get_num_threads()} threads"
+        )
+        for name, ds in (("loader", loader_ds), ("step", step_ds)):
+            t = _median_seconds(lambda ds=ds: [ds[k] for k in range(n)], 3, lambda: None) / n
+            print(
+                f"augment_on={name:6s} loader CPU per sample {t * 1e3:7.3f} ms, "
+                f"ships {_nbytes(ds[0]) / 1024:7.1f} KiB"
+            )
+        raw = default_collate([step_ds[k] for k in range(args.batch)])
+        for dev_name in args.device or ["cpu"]:
+            dev = torch.device(dev_name)
+            sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+            moved = to_device(raw, dev, keep=GMML_HOST_KEYS)
+            t = _median_seconds(lambda moved=moved: step_ds.views(moved), 5, sync)
+            print(
+                f"augment_on=step   GMMLViews on {dev_name}: {t * 1e3:8.2f} ms per batch of {args.batch} "
+                f"({t / args.batch * 1e3:.3f} ms per image)"
+            )
+        # The whole data path on the CPU with the loader in the training process (num_workers=0).
+        for name, ds in (("loader", loader_ds), ("step", step_ds)):
+            loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=0, drop_last=True)
+
+            def epoch(loader: DataLoader = loader, ds: GMMLDataset = ds) -> int:
+                count = 0
+                for batch in loader:
+                    out = ds.views(batch)
+                    count += out["image"].shape[0]
+                return count
+
+            t0 = time.perf_counter()
+            count = epoch()
+            rate = count / (time.perf_counter() - t0)
+            print(f"augment_on={name:6s} CPU data path (num_workers=0, views included): {rate:8.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()

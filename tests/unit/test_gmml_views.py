@@ -1,0 +1,153 @@
+"""Deferred GMML samples (`GMMLDataset(deferred=True)` + `GMMLViews`): the loader ships cached pixels
+and the draws, the training step warps, jitters and corrupts the whole batch; both pipelines must give
+the same samples, and a sample must not depend on the batch it lands in."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+
+from sscxr.data.cache import ImageCache, prepare
+from sscxr.data.corruption import KIND_NOISE, KIND_REPLACE, CorruptionConfig
+from sscxr.data.datasets import GMMLDataset
+from sscxr.data.transforms import AugmentConfig, augment
+from sscxr.engine.distributed import to_device
+from sscxr.errors import ConfigError
+from sscxr.tasks.gmml import GMMLTask, resolve_augment_on
+
+SIZE, ALIGN = 32, 8
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> ImageCache:
+    tmp = tmp_path_factory.mktemp("views")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(10):
+        # Smooth images with a bright disc at a different place each: augmentation visibly moves it.
+        yy, xx = np.mgrid[0:40, 0:40]
+        disc = ((yy - 8 - 2 * i) ** 2 + (xx - 30 + 2 * i) ** 2 < 40).astype(np.float64)
+        pixels = 0.3 + 0.5 * disc + 0.1 * rng.random((40, 40))
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(tmp / f"{i}.png")
+        rows.append([f"{i}.png", "", f"p{i}", "s", "train"])
+    with open(tmp / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "patient_id", "site", "split"])
+        w.writerows(rows)
+    prepare(tmp / "m.csv", tmp / "cache", size=SIZE, workers=0, progress=False)
+    return ImageCache.open(tmp / "cache")
+
+
+def _datasets(cache: ImageCache, augment: AugmentConfig | None, cfg: CorruptionConfig | None = None):
+    kw = dict(corruption_cfg=cfg or CorruptionConfig(), patch_size=ALIGN, augment=augment, seed=5)
+    return GMMLDataset(cache, cache.indices(), **kw), GMMLDataset(cache, cache.indices(), deferred=True, **kw)
+
+
+@pytest.mark.parametrize("augment", [AugmentConfig(), None], ids=["augmented", "plain"])
+def test_a_batch_finished_in_the_step_equals_the_loaders_samples(
+    cache: ImageCache, augment: AugmentConfig | None
+) -> None:
+    loader, deferred = _datasets(cache, augment)
+    loader.set_epoch(2), deferred.set_epoch(2)
+    expected = default_collate([loader[k] for k in range(len(loader))])
+    raw = default_collate([deferred[k] for k in range(len(deferred))])
+    got = deferred.views(raw)
+    assert set(got) == set(expected)
+    assert torch.equal(got["mask"], expected["mask"]) and torch.equal(got["kind"], expected["kind"])
+    assert torch.equal(got["donor"], expected["donor"]) and torch.equal(got["index"], expected["index"])
+    torch.testing.assert_close(got["image"], expected["image"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["corrupted"], expected["corrupted"], atol=1e-6, rtol=0)
+    assert {0, 1} <= set(got["kind"].tolist())  # both kinds were exercised
+
+
+def test_the_clean_image_is_the_cached_image_augmented_with_the_samples_own_draws(cache: ImageCache) -> None:
+    # Built here from `augment` and the sample's generator, independently of GMMLViews.
+    _, deferred = _datasets(cache, AugmentConfig())
+    deferred.set_epoch(1)
+    got = deferred.views(default_collate([deferred[k] for k in range(len(deferred))]))
+    mean, std = deferred.normalize
+    for k in range(len(deferred)):
+        g = deferred.generator(k)
+        deferred.donor_position(k, g)  # the first draw of a sample
+        row = int(deferred.indices[k])
+        image, _ = augment(torch.from_numpy(cache.image_float(row))[None], g, AugmentConfig())
+        torch.testing.assert_close(got["image"][k], (image - mean) / std, atol=1e-6, rtol=0)
+        plain = (torch.from_numpy(cache.image_float(row))[None] - mean) / std
+        assert not torch.allclose(got["image"][k], plain, atol=1e-3)  # it was augmented
+
+
+def test_deferred_samples_ship_uint16_pixels_and_under_half_the_bytes(cache: ImageCache) -> None:
+    loader, deferred = _datasets(cache, AugmentConfig())
+    raw, done = deferred[0], loader[0]
+    assert raw["pixels"].dtype == torch.uint16 and raw["donor_pixels"].dtype == torch.uint16
+    assert np.array_equal(raw["pixels"][0].numpy(), cache.image(int(raw["index"])))
+    assert raw["cells"].shape == (SIZE // ALIGN, SIZE // ALIGN)
+
+    def nbytes(sample: dict[str, torch.Tensor]) -> int:
+        return sum(v.numel() * v.element_size() for v in sample.values())
+
+    assert nbytes(raw) * 2 < nbytes(done)  # 4 bytes per pixel (two uint16 images) against 9
+
+
+def test_a_sample_does_not_depend_on_its_batch(cache: ImageCache) -> None:
+    _, deferred = _datasets(cache, AugmentConfig())
+    whole = deferred.views(default_collate([deferred[k] for k in range(len(deferred))]))
+    part = deferred.views(default_collate([deferred[k] for k in (7, 2)]))
+    for name in ("image", "corrupted", "mask"):
+        torch.testing.assert_close(part[name], whole[name][[7, 2]], atol=1e-6, rtol=0)
+
+
+def test_the_step_corrupts_whole_cells_with_noise_or_the_augmented_donor(cache: ImageCache) -> None:
+    _, deferred = _datasets(cache, AugmentConfig())
+    raw = default_collate([deferred[k] for k in range(len(deferred))])
+    got = deferred.views(raw)
+    mask = got["mask"][:, 0]
+    # The mask is a union of whole ALIGN x ALIGN cells, exactly the shipped cells.
+    cells = mask.view(len(deferred), SIZE // ALIGN, ALIGN, SIZE // ALIGN, ALIGN)
+    assert torch.equal(cells.all(4).all(2), cells.any(4).any(2))
+    assert torch.equal(cells.any(4).any(2), raw["cells"])
+    assert torch.equal(got["corrupted"][~got["mask"]], got["image"][~got["mask"]])  # untouched outside
+    donor_views = deferred.views._clean(raw, "donor_")  # the donors as they were augmented
+    for i, kind in enumerate(got["kind"].tolist()):
+        m = got["mask"][i]
+        assert int(raw["donor"][i]) != int(raw["index"][i])  # never the image itself
+        if kind == KIND_REPLACE:
+            assert torch.equal(got["corrupted"][i][m], donor_views[i][m])
+        else:
+            assert kind == KIND_NOISE
+            noise = got["corrupted"][i][m]
+            assert abs(float(noise.mean())) < 0.3 and 0.7 < float(noise.std()) < 1.3  # N(0, 1)
+
+
+def test_the_step_pipeline_is_float32_under_autocast_and_keeps_seeds_on_the_host(cache: ImageCache) -> None:
+    _, deferred = _datasets(cache, AugmentConfig())
+    raw = default_collate([deferred[k] for k in range(4)])
+    plain = deferred.views(raw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = deferred.views(raw)
+    assert mixed["image"].dtype == torch.float32 and torch.equal(mixed["corrupted"], plain["corrupted"])
+    moved = to_device(raw, torch.device("meta"), keep=GMMLTask.host_keys)
+    assert moved["noise_seed"].device.type == "cpu" and moved["kind"].device.type == "cpu"
+    assert moved["pixels"].device.type == "meta"
+
+
+def test_augment_on_is_resolved_per_device_and_checked() -> None:
+    assert resolve_augment_on("auto", torch.device("cpu")) == "loader"
+    assert resolve_augment_on("auto", torch.device("cuda", 0)) == "step"
+    assert resolve_augment_on("step", torch.device("cpu")) == "step"
+    with pytest.raises(ConfigError, match="augment_on='gpu'"):
+        resolve_augment_on("gpu", torch.device("cpu"))
+
+
+def test_noise_only_corruption_ships_no_donor(cache: ImageCache, tmp_path: Path) -> None:
+    loader, deferred = _datasets(cache, None, CorruptionConfig(kinds=("noise",)))
+    raw = deferred[3]
+    assert "donor_pixels" not in raw and int(raw["donor"]) == -1
+    got = deferred.views(default_collate([raw]))
+    torch.testing.assert_close(got["corrupted"][0], loader[3]["corrupted"], atol=1e-6, rtol=0)
