@@ -25,6 +25,7 @@ from sscxr.data.transforms import AugmentConfig
 from sscxr.engine.config import OptimConfig, TrainConfig
 from sscxr.errors import ConfigError
 from sscxr.models.vit import ViTConfig
+from sscxr.tasks.mae import MAEConfig
 
 T = TypeVar("T")
 
@@ -104,13 +105,15 @@ class GMMLConfig:
 
 @dataclass
 class PretrainConfig:
-    """Everything `sscxr pretrain` needs."""
+    """Everything `sscxr pretrain` needs: the method (`sscxr.tasks.methods`) and its own section."""
 
+    method: str = "gmml"  # gmml | mae (sscxr.tasks.methods)
     data: DataConfig = field(default_factory=DataConfig)
     model: ViTConfig = field(default_factory=ViTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gmml: GMMLConfig = field(default_factory=GMMLConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
 
 
 def _dataclass_keys(cls: type, prefix: str = "") -> set[str]:

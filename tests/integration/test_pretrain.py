@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from sscxr.cli.train_cmds import seed_process
 from sscxr.config import PretrainConfig, load_config
 from sscxr.engine.checkpoint import load_checkpoint
+from sscxr.engine.logging import read_metrics
 from sscxr.engine.trainer import fit
 from sscxr.models.loading import load_encoder_weights
 from sscxr.models.vit import build_vit
@@ -59,11 +61,14 @@ def test_cli_pretrain_writes_run_folder(tiny_cache: Path, tmp_path: Path, tiny_o
             f"data.cache={tiny_cache}",
             "train.epochs=2",
             "train.batch_size=4",
+            "gmml.snapshot_every=1",
             "--out",
             str(run),
         ]
     )
     for name in (
+        "snapshots/epoch_001/encoder.safetensors",
+        "snapshots/epoch_002/encoder.json",
         "config.yaml",
         "metrics.jsonl",
         "checkpoints/last.pt",
@@ -74,6 +79,8 @@ def test_cli_pretrain_writes_run_folder(tiny_cache: Path, tmp_path: Path, tiny_o
     ):
         assert (run / name).is_file(), name
     assert "embed_dim: 32" in (run / "config.yaml").read_text()
+    snapshot = json.loads((run / "snapshots" / "epoch_002" / "encoder.json").read_text())["extra"]
+    assert snapshot["pretraining"] == "gmml" and snapshot["epoch"] == 2 and snapshot["train_seconds"] > 0
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["config"]["model"]["embed_dim"] == 32 and ckpt["state"]["epoch"] == 2
 
@@ -89,6 +96,25 @@ def test_cli_pretrain_writes_run_folder(tiny_cache: Path, tmp_path: Path, tiny_o
     )
     result = plain.load_state_dict(load_file(run / "encoder.safetensors"), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_cli_mae_pretrain_exports_an_encoder_that_fine_tuning_loads(
+    tiny_cache: Path, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    # The second method through the same command, engine and export: only `method=mae` differs.
+    run = tmp_path / "mae"
+    args = ["-c", "tiny", *tiny_overrides, "method=mae", "mae.decoder_dim=32", "mae.decoder_heads=2"]
+    _sscxr(["pretrain", *args, f"data.cache={tiny_cache}", "train.epochs=2", "train.batch_size=4",
+            "--out", str(run)])  # fmt: skip
+    for name in ("encoder.safetensors", "encoder.json", "checkpoints/last.pt", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert "method: mae" in (run / "config.yaml").read_text()
+    cfg = load_config(PretrainConfig, ["tiny"], tiny_overrides)
+    report = load_encoder_weights(build_vit(cfg.model), run / "encoder.safetensors")
+    assert report.missing == [] and report.unexpected == []
+    assert '"pretraining": "mae"' in (run / "encoder.json").read_text()
+    val = [r["metrics"] for r in read_metrics(run) if r["split"] == "val"]
+    assert val and all(m["val/recon_mse"] > 0 for m in val)
 
 
 def _fit(
@@ -138,12 +164,18 @@ def test_the_step_pipeline_trains_as_the_loader_pipeline(
 
 @pytest.mark.dist
 @pytest.mark.timeout(300)
-def test_two_processes_equal_one(tiny_cache: Path, tmp_path: Path, tiny_overrides: list[str]) -> None:
+@pytest.mark.parametrize("method", ["gmml", "mae"])
+def test_two_processes_equal_one(
+    tiny_cache: Path, tmp_path: Path, tiny_overrides: list[str], method: str
+) -> None:
     common = [
         "pretrain",
         "-c",
         "tiny",
         *tiny_overrides,
+        f"method={method}",
+        "mae.decoder_dim=32",
+        "mae.decoder_heads=2",
         f"data.cache={tiny_cache}",
         "train.epochs=1",
         "train.amp=off",

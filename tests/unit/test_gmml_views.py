@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 from sscxr.data.cache import ImageCache, prepare
 from sscxr.data.corruption import KIND_NOISE, KIND_REPLACE, CorruptionConfig
 from sscxr.data.datasets import GMMLDataset
-from sscxr.data.transforms import AugmentConfig, augment
+from sscxr.data.transforms import AugmentConfig, apply_augment, augment_params
 from sscxr.engine.distributed import to_device
 from sscxr.errors import ConfigError
 from sscxr.tasks.gmml import GMMLTask, resolve_augment_on
@@ -67,16 +67,18 @@ def test_a_batch_finished_in_the_step_equals_the_loaders_samples(
 
 
 def test_the_clean_image_is_the_cached_image_augmented_with_the_samples_own_draws(cache: ImageCache) -> None:
-    # Built here from `augment` and the sample's generator, independently of GMMLViews.
+    # Built here from the sample's own generator and `augment_params`, independently of GMMLViews.
     _, deferred = _datasets(cache, AugmentConfig())
     deferred.set_epoch(1)
     got = deferred.views(default_collate([deferred[k] for k in range(len(deferred))]))
     mean, std = deferred.normalize
     for k in range(len(deferred)):
-        g = deferred.generator(k)
-        deferred.donor_position(k, g)  # the first draw of a sample
+        rng = deferred.sample_rng(k)
+        deferred.donor_position(k, rng)  # the first draw of a sample
         row = int(deferred.indices[k])
-        image, _ = augment(torch.from_numpy(cache.image_float(row))[None], g, AugmentConfig())
+        params = augment_params(rng.random(9).tolist(), AugmentConfig(), SIZE, SIZE)
+        image, _ = apply_augment(torch.from_numpy(cache.image_float(row))[None, None], params)
+        image = image[0]
         torch.testing.assert_close(got["image"][k], (image - mean) / std, atol=1e-6, rtol=0)
         plain = (torch.from_numpy(cache.image_float(row))[None] - mean) / std
         assert not torch.allclose(got["image"][k], plain, atol=1e-3)  # it was augmented

@@ -121,16 +121,24 @@ def run_training(
 
 
 def run_pretrain(args: argparse.Namespace) -> FitResult:
-    """`sscxr pretrain`: GMML pre-training on a prepared cache (one or many processes)."""
+    """`sscxr pretrain`: self-supervised pre-training (GMML, MAE, ...: `method`) on a prepared cache, in
+    one or many processes. Without `-c`, the method named by a `method=...` override (else GMML) brings
+    its own built-in config."""
     from sscxr.config import PretrainConfig
-    from sscxr.tasks.gmml import build_pretraining
+    from sscxr.tasks.methods import pretrain_method
 
     def build(cfg: PretrainConfig, dist: DistInfo) -> Built:
-        task, train_set, val_set = build_pretraining(cfg, seed=cfg.train.seed, device=dist.device)
-        log.info("pre-training on %d images (%d for validation)", len(train_set), len(val_set or []))
+        method = pretrain_method(cfg.method)
+        task, train_set, val_set = method.build(cfg, seed=cfg.train.seed, device=dist.device)
+        log.info(
+            "%s pre-training on %d images (%d for validation)",
+            method.name, len(train_set), len(val_set or []),
+        )  # fmt: skip
         return task, train_set, val_set
 
-    return run_training(args, PretrainConfig, "pretrain/gmml_vit_s16", build)
+    named = [o.split("=", 1)[1] for o in args.overrides if o.startswith("method=")]
+    default = pretrain_method(named[-1] if named else "gmml").default_config
+    return run_training(args, PretrainConfig, default, build)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -145,8 +153,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the training subcommands."""
     p = sub.add_parser(
         "pretrain",
-        help="GMML self-supervised pre-training of a ViT on a prepared cache",
-        description="GMML pre-training. Launch with torchrun for several processes/GPUs.",
+        help="self-supervised pre-training of a ViT on a prepared cache (GMML; MAE with method=mae)",
+        description="Self-supervised pre-training: GMML (default) or MAE (method=mae, or "
+        "-c pretrain/mae_vit_s16). Launch with torchrun for several processes/GPUs.",
     )
     add_config_args(p, "pretrain/gmml_vit_s16")
     p.set_defaults(func=_pretrain)

@@ -25,6 +25,7 @@ __all__ = [
     "apply_corruption",
     "corrupt",
     "draw_corruption",
+    "draw_corruption_numpy",
     "grid_mask",
     "in_batch_donors",
     "seeded_noise",
@@ -120,22 +121,27 @@ def _draw_targets(kind: np.ndarray, rng: np.random.Generator, cfg: CorruptionCon
     return np.where(kind == KIND_REPLACE, cfg.replace_ratio, noise_t)
 
 
-def _draw_blocks(
+def _first_covers(
     batch: int, k: int, grid: tuple[int, int], max_cells: tuple[int, int], rng: np.random.Generator
 ) -> np.ndarray:
-    """K random blocks per image on the cell grid, as (B, K, gh * gw) bool.
+    """K random blocks per image on the cell grid; per cell, the index of the first block covering it.
 
     Top-left corners are anywhere on the grid and sides in [1, max_cells]; a block running past the
-    border is clipped, as in the reference code.
+    border is clipped, as in the reference code. All 4 x K numbers come from one draw.
+
+    Returns:
+        (B, gh * gw) int64 in [0, K]; K where no block of the K covers the cell.
     """
     gh, gw = grid
-    r0, c0 = rng.integers(0, gh, (batch, k, 1)), rng.integers(0, gw, (batch, k, 1))
-    h = rng.integers(1, max_cells[0] + 1, (batch, k, 1))
-    w = rng.integers(1, max_cells[1] + 1, (batch, k, 1))
-    rows, cols = np.arange(gh), np.arange(gw)
-    in_rows = (rows >= r0) & (rows < r0 + h)  # (B, K, gh)
-    in_cols = (cols >= c0) & (cols < c0 + w)  # (B, K, gw)
-    return (in_rows[..., :, None] & in_cols[..., None, :]).reshape(batch, k, gh * gw)
+    low, high = np.array([0, 0, 1, 1]), np.array([gh, gw, max_cells[0] + 1, max_cells[1] + 1])
+    r0, c0, h, w = np.moveaxis(rng.integers(low, high, (batch, 1, k, 4)), -1, 0)  # each (B, 1, K)
+    rows, cols = np.arange(gh)[:, None], np.arange(gw)[:, None]
+    in_rows = (rows >= r0) & (rows < r0 + h)  # (B, gh, K)
+    in_cols = (cols >= c0) & (cols < c0 + w)  # (B, gw, K)
+    blocks = (in_rows[:, :, None, :] & in_cols[:, None, :, :]).reshape(batch, gh * gw, k)
+    first = blocks.argmax(axis=2)  # the block index is the last, contiguous axis: a fast reduction
+    covered = np.take_along_axis(blocks, first[..., None], axis=2)[..., 0]
+    return np.where(covered, first, k)
 
 
 def _grid_mask(
@@ -150,15 +156,14 @@ def _grid_mask(
     # without overlap at the largest target (overlap and border clipping waste much of each block).
     mean_area = (1 + max_cells[0]) / 2 * (1 + max_cells[1]) / 2
     k = min(math.ceil(3.0 * float(target_cells.max()) / mean_area) + 4, 4096)
-    # Per cell, the first block of the chunk that covers it (-1: already covered, k: by none). The
-    # cells covered after block j are those whose first block is <= j, so one cumulative histogram
-    # gives the covered count after every block, without building the union block by block.
+    # The cells covered after block j are those whose first block is <= j (-1: covered by an earlier
+    # chunk), so one cumulative histogram gives the covered count after every block at once, without
+    # building the union block by block.
     offsets = (k + 2) * np.arange(batch)[:, None]
     union = np.zeros((batch, cells), dtype=bool)
     done = np.zeros(batch, dtype=bool)
     while not done.all():
-        blocks = _draw_blocks(batch, k, grid, max_cells, rng)  # (B, K, G)
-        first = np.where(blocks.any(axis=1), blocks.argmax(axis=1), k)
+        first = _first_covers(batch, k, grid, max_cells, rng)
         first[union] = -1
         histogram = np.bincount((first + 1 + offsets).ravel(), minlength=batch * (k + 2))
         counts = histogram.reshape(batch, k + 2).cumsum(axis=1)[:, 1 : k + 1]  # (B, K): after block j
@@ -273,7 +278,13 @@ def draw_corruption(
         grid: (gh, gw) cells of the block grid (image side // align).
         batch: images to draw for.
     """
-    rng = _numpy_rng(generator)
+    return draw_corruption_numpy(_numpy_rng(generator), cfg, grid, batch)
+
+
+def draw_corruption_numpy(
+    rng: np.random.Generator, cfg: CorruptionConfig, grid: tuple[int, int], batch: int = 1
+) -> CorruptionDraw:
+    """`draw_corruption` from a numpy generator (what a loader worker uses per sample: cheap draws)."""
     kind = _draw_kinds(batch, rng, cfg)
     cells = _grid_mask(_draw_targets(kind, rng, cfg), grid, cfg.max_side_frac, rng)
     seeds = rng.integers(0, 2**62, batch)

@@ -19,8 +19,8 @@ from torch.utils.data import Dataset, default_collate
 
 from sscxr.data.cache import ImageCache
 from sscxr.data.cache_format import _MAX
-from sscxr.data.corruption import CorruptionConfig, CorruptionDraw, apply_corruption, draw_corruption
-from sscxr.data.transforms import AugmentConfig, AugmentParams, apply_augment, augment, draw_augment
+from sscxr.data.corruption import CorruptionConfig, CorruptionDraw, apply_corruption, draw_corruption_numpy
+from sscxr.data.transforms import AugmentConfig, AugmentParams, apply_augment, augment, draw_augment_numpy
 from sscxr.errors import DataError
 from sscxr.utils import generator_for
 
@@ -149,18 +149,21 @@ class CachedDataset(Dataset[Sample]):
 
 
 #: Batch entries of a deferred GMML batch that stay on the host: `GMMLViews` reads them as Python
-#: numbers (which images need noise, and each one's seed); reading them back from a GPU would stall it.
-GMML_HOST_KEYS: frozenset[str] = frozenset({"kind", "noise_seed"})
+#: numbers (which images need noise, each one's seed, whether any warp is not the identity); reading
+#: them back from a GPU would stall it. The warps go to the device when they are used (a few bytes).
+GMML_HOST_KEYS: frozenset[str] = frozenset(
+    {"kind", "noise_seed", "theta", "intensity", "donor_theta", "donor_intensity"}
+)
 
 
 class GMMLDataset(CachedDataset):
     """GMML pre-training samples: an augmented clean image, its corruption and the corruption mask.
 
-    Per sample, from one generator and in this order: the donor row (uniform among the other rows of
-    `indices`, never the image itself), the image's augmentation draws, the donor's own, then the
-    corruption's (`draw_corruption`: kind, target, blocks, noise seed). The donor is drawn from the
-    dataset rather than the batch so that each sample stays a pure function of (seed, epoch, row),
-    independent of batch composition.
+    Per sample, from one numpy generator (`sample_rng`) and in this order: the donor row (uniform among
+    the other rows of `indices`, never the image itself), the image's augmentation draws, the donor's
+    own, then the corruption's (`draw_corruption_numpy`: kind, target, blocks, noise seed). The donor
+    is drawn from the dataset rather than the batch so that each sample stays a pure function of
+    (seed, epoch, row), independent of batch composition.
 
     Two ways to serve the same samples (`deferred`):
     - False: each sample is finished in the loader worker (`GMMLViews` on a batch of one).
@@ -218,26 +221,32 @@ class GMMLDataset(CachedDataset):
         assert self.normalize is not None  # always set for GMML (the cache's statistics by default)
         return GMMLViews(self.normalize, self.align)
 
-    def donor_position(self, k: int, generator: torch.Generator) -> int:
-        """Position (in `indices`) of sample k's donor: uniform over the others, drawn from `generator`."""
-        j = int(
-            torch.randint(max(len(self) - 1, 1), (1,), generator=generator)
-        )  # always drawn: stable stream
+    def sample_rng(self, k: int) -> np.random.Generator:
+        """The numpy generator of sample `k` in the current epoch: every draw of a GMML sample.
+
+        numpy rather than torch: a sample's draws are a few dozen tiny arrays, for which numpy calls cost
+        a fraction of torch's, and they are most of a loader worker's time.
+        """
+        return np.random.default_rng([self.seed, self.epoch, int(self.indices[k])])
+
+    def donor_position(self, k: int, rng: np.random.Generator) -> int:
+        """Position (in `indices`) of sample k's donor: uniform over the others, drawn from `rng`."""
+        j = int(rng.integers(max(len(self) - 1, 1)))  # always drawn: stable stream
         if len(self) < 2:
             return -1  # no other image; only possible when the corruption uses no donors
         return j + 1 if j >= k else j  # skip k itself
 
-    def _raw(self, row: int, g: torch.Generator, prefix: str, sample: Sample) -> None:
+    def _raw(self, row: int, rng: np.random.Generator, prefix: str, sample: Sample) -> None:
         """Put row's cached pixels and (when augmenting) its augmentation draws into `sample`."""
         sample[f"{prefix}pixels"] = torch.from_numpy(self.cache.image(row))[None]
         if self.augment_cfg is not None:
-            params = draw_augment(g, self.augment_cfg, self.cache.size, self.cache.size)
+            params = draw_augment_numpy(rng, self.augment_cfg, self.cache.size, self.cache.size)
             sample[f"{prefix}theta"], sample[f"{prefix}intensity"] = params.theta[0], params.intensity[0]
 
     def deferred_sample(self, k: int) -> Sample:
         """Sample k as cached pixels plus every random draw (what the loader ships when `deferred`)."""
         row = int(self.indices[k])
-        g = self.generator(k)
+        g = self.sample_rng(k)
         donor_k = self.donor_position(k, g)
         sample: Sample = {}
         self._raw(row, g, "", sample)
@@ -246,7 +255,7 @@ class GMMLDataset(CachedDataset):
             donor_row = int(self.indices[donor_k])
             self._raw(donor_row, g, "donor_", sample)
         grid = (self.cache.size // self.align,) * 2
-        draw = draw_corruption(g, self.corruption_cfg, grid)
+        draw = draw_corruption_numpy(g, self.corruption_cfg, grid)
         sample.update(cells=draw.cells[0], kind=draw.kind[0], noise_seed=draw.noise_seed[0])
         sample.update(index=torch.tensor(row), donor=torch.tensor(donor_row))
         return sample

@@ -27,10 +27,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AugmentConfig", "AugmentParams", "apply_augment", "augment", "draw_augment", "identity_config"]
+__all__ = [
+    "AugmentConfig",
+    "AugmentParams",
+    "apply_augment",
+    "augment",
+    "augment_params",
+    "draw_augment",
+    "draw_augment_numpy",
+    "identity_config",
+]
 
 # How many uniform numbers one call draws. Always the same, so that the stream a generator yields after
 # `augment` does not depend on which augmentations are switched on (donor choice etc. stays stable).
@@ -89,7 +99,7 @@ def _lerp(u: float, lo: float, hi: float) -> float:
     return lo + (hi - lo) * u
 
 
-def _affine_theta(u: list[float], cfg: AugmentConfig, height: int, width: int) -> torch.Tensor:
+def _affine_theta(u: Sequence[float], cfg: AugmentConfig, height: int, width: int) -> torch.Tensor:
     """The (2, 3) matrix mapping output to input coordinates in `affine_grid`'s normalised [-1, 1] space.
 
     Built in an isotropic frame (normalised x scaled by the aspect W/H) so that a rotation stays a rotation
@@ -146,6 +156,18 @@ def draw_augment(generator: torch.Generator, cfg: AugmentConfig, height: int, wi
         `AugmentParams` with theta (1, 2, 3) and intensity (1, 3); the identity when `cfg.enabled` is off.
     """
     u = torch.rand(_N_DRAWS, generator=generator, dtype=torch.float64).tolist()
+    return augment_params(u, cfg, height, width)
+
+
+def draw_augment_numpy(
+    rng: np.random.Generator, cfg: AugmentConfig, height: int, width: int
+) -> AugmentParams:
+    """`draw_augment` from a numpy generator (`_N_DRAWS` uniforms): a loader worker's cheap draws."""
+    return augment_params(rng.random(_N_DRAWS).tolist(), cfg, height, width)
+
+
+def augment_params(u: Sequence[float], cfg: AugmentConfig, height: int, width: int) -> AugmentParams:
+    """The augmentation that `_N_DRAWS` uniforms in [0, 1) select (B = 1; identity when disabled)."""
     if not cfg.enabled:
         return AugmentParams(_IDENTITY_THETA[None].clone(), _IDENTITY_INTENSITY[None].clone())
     gamma = _lerp(u[6], *cfg.gamma)

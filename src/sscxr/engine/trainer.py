@@ -285,6 +285,7 @@ class _Loop:
         self.epochs = self.plan.epochs
         lr = resolve_lr(ocfg, self.global_batch)
         self.lr_at, self.wd_at = build_schedules(ocfg, lr, self.steps_per_epoch, self.epochs)
+        self.total_steps = len(self.lr_at)  # the planned run, for task-owned schedules
         self.optimizer, self.wd_mults = build_optimizer(self.task, ocfg, lr, dist.device)
         self.clip = ocfg.clip_grad
         # Rank 0's choice for every rank: a measured choice (CPU, amp auto) could differ between ranks.
@@ -453,7 +454,8 @@ class _Loop:
         return True
 
     def _optimizer_step(self, batches: Iterator[Any]) -> None:
-        """Accumulate `accum_steps` micro-batches, then one AdamW update unless the loss is non-finite."""
+        """Accumulate `accum_steps` micro-batches, then one AdamW update unless the loss is non-finite,
+        then the task's `after_optimizer_step`."""
         s, accum = self.state, self.tcfg.accum_steps
         i = min(s.step, len(self.lr_at) - 1)
         set_optim_values(self.optimizer, float(self.lr_at[i]), float(self.wd_at[i]), self.wd_mults)
@@ -481,6 +483,8 @@ class _Loop:
         else:
             # One host sync per step: every rank must agree on skipping before the optimiser runs.
             self._apply_update(all_true(finite), logs)
+        with torch.no_grad():  # e.g. an EMA teacher follows the student; on every rank, skipped or not
+            self.task.after_optimizer_step(s.step - 1, self.total_steps)
 
     def _skip_on_device_step(self, ok: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
         """One fused AdamW update that the device itself skips unless `ok`; the host learns later.

@@ -8,6 +8,7 @@ validation metrics and the task-specific artefacts (pictures, exported weights).
 from __future__ import annotations
 
 import abc
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +76,25 @@ def reduce_sum_async(t: torch.Tensor) -> Callable[[], torch.Tensor]:
         return work.to(t.device)
 
     return result
+
+
+def cosine_value(start: float, end: float, step: int, total: int) -> float:
+    """A half cosine from `start` at step 0 to `end` at step `total - 1`: a task-owned schedule's value.
+
+    The shape of the engine's lr schedule after its warm-up. A pure function of `step` and `total` (the
+    arguments of `Task.after_optimizer_step`), so a resumed run reads the same values: e.g. a DINO-style
+    EMA momentum `cosine_value(0.996, 1.0, step, total_steps)`. Steps outside `[0, total - 1]` are clamped.
+
+    Args:
+        start: value at step 0.
+        end: value at step `total - 1` (and beyond).
+        step: 0-based step index.
+        total: number of steps of the schedule (>= 1; a single step gives `start`).
+    """
+    if total < 1:
+        raise ValueError(f"total must be >= 1 (got {total})")
+    t = min(max(step, 0), total - 1) / max(total - 1, 1)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
 
 
 @dataclass(frozen=True)
@@ -168,6 +188,33 @@ class Task(nn.Module, abc.ABC):
             return int(match.group(1)) + 1
         if any(part in EMBED_NAMES for part in name.split(".")):
             return 0
+        return None
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called by the engine after every optimiser step, on every rank, under `torch.no_grad()`.
+
+        The place for what follows an update: move an EMA teacher towards the student (DINO, BYOL,
+        iBOT), advance a momentum or temperature schedule. The engine stays the only loop; a task never
+        steps the optimiser itself.
+
+        Schedules: compute their values from `step` and `total_steps` alone (e.g. `cosine_value`), never
+        from a counter kept in the task, so that a resumed run reads the same values as an uninterrupted
+        one. State the hook updates (an EMA teacher) must live in the task's `state_dict()`: a submodule
+        with `requires_grad=False` parameters, or registered buffers. Then `checkpoints/last.pt` holds it
+        and resume is exact, and the optimiser (`param_groups`) and DDP's gradient reducer leave it alone.
+        Under DDP every rank sees the same, synchronised student, so a teacher derived from it only by
+        local arithmetic stays identical on every rank without any communication.
+
+        Called after every step, including a step skipped for a non-finite loss or gradient (the engine
+        may only learn of the skip later, on the host): after a skipped step the student is unchanged.
+        The hook must not read device values on the host (`.item()`, `float(t)`: a sync per step) and may
+        run collectives only when every rank calls the same ones in the same order.
+
+        Args:
+            step: 0-based index of the optimiser step just taken (over the whole run, resumes included).
+            total_steps: planned optimiser steps of the run (`epochs * steps_per_epoch` under the
+                `train.min_steps` floor, the length of the lr schedule; `train.max_steps` does not cut it).
+        """
         return None
 
     def on_epoch_end(self, run_dir: Path, epoch: int) -> None:

@@ -10,8 +10,6 @@ which is what keeps a GPU busy. The task then runs the model and the masked L1 l
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +18,13 @@ import torch
 from torch.utils.data import default_collate
 
 from sscxr.data.datasets import GMML_HOST_KEYS, GMMLDataset, GMMLViews
-from sscxr.errors import ConfigError, DataError
+from sscxr.errors import ConfigError
 from sscxr.models.gmml import GMMLModel, default_recon_blocks, masked_l1_loss
-from sscxr.models.loading import Normalization, export_encoder
+from sscxr.models.loading import Normalization
 from sscxr.models.vit import ViTConfig, build_vit
-from sscxr.tasks.base import Batch, StepOutput, Task, TrainedWeights, reduce_sum, reduce_sum_async
+from sscxr.tasks.base import Batch, StepOutput, reduce_sum_async
 from sscxr.tasks.common import open_cache
+from sscxr.tasks.pretraining import PretrainingTask, pretraining_rows
 from sscxr.viz.recon import reconstruction_grid
 
 if TYPE_CHECKING:
@@ -37,7 +36,7 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-class GMMLTask(Task):
+class GMMLTask(PretrainingTask):
     """Group-masked model learning: reconstruct the corrupted pixels of an X-ray.
 
     Args:
@@ -50,9 +49,12 @@ class GMMLTask(Task):
         align: pixels per corruption cell of deferred batches (default: the patch size).
 
     Batches may be finished samples or deferred ones (`GMMLDataset(deferred=True)`); deferred ones are
-    finished on the step's device first. "kind" and "noise_seed" stay on the host (`host_keys`).
+    finished on the step's device first. "kind", "noise_seed" and the warps stay on the host
+    (`host_keys`).
     """
 
+    method = "gmml"
+    metric = "recon_l1"
     host_keys = GMML_HOST_KEYS
 
     def __init__(
@@ -65,17 +67,10 @@ class GMMLTask(Task):
         snapshot_every: int = 0,
         align: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(vit_cfg, normalization, extra_export, snapshot_every)
         self.views = GMMLViews((normalization.mean, normalization.std), align or vit_cfg.patch_size)
-        self.snapshot_every = int(snapshot_every)
-        self._t0: float | None = None  # wall clock of the first training step of this process
         self.model = model
-        self.vit_cfg = vit_cfg
-        self.normalization = normalization
         self.vis_batch = vis_batch
-        self.extra_export = extra_export or {}
-        self._val_sum = 0.0
-        self._val_count = 0.0
 
     def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch["mask"].bool()
@@ -91,8 +86,7 @@ class GMMLTask(Task):
         return loss, pred
 
     def training_step(self, batch: Batch) -> StepOutput:
-        if self._t0 is None:
-            self._t0 = time.monotonic()
+        self._started()
         batch = self.views(batch)
         loss, _ = self._loss(batch)
         return StepOutput(loss=loss, logs={"loss": loss.detach(), "mask_frac": batch["mask"].float().mean()})
@@ -102,25 +96,10 @@ class GMMLTask(Task):
         batch = self.views(batch)
         pred = self.model(batch["corrupted"]).float()
         mask = batch["mask"].float()
-        self._val_sum += float(((pred - batch["image"].float()).abs() * mask).sum())
-        self._val_count += float(mask.sum())
-
-    def compute_metrics(self) -> dict[str, float]:
-        t = reduce_sum(torch.tensor([self._val_sum, self._val_count], dtype=torch.float64))
-        return {"recon_l1": float(t[0] / t[1])} if t[1] > 0 else {}
-
-    def reset_metrics(self) -> None:
-        self._val_sum = 0.0
-        self._val_count = 0.0
+        self._accumulate(float(((pred - batch["image"].float()).abs() * mask).sum()), float(mask.sum()))
 
     @torch.no_grad()
-    def on_epoch_end(self, run_dir: Path, epoch: int) -> None:
-        if self.snapshot_every and (epoch + 1) % self.snapshot_every == 0:
-            # Time since this process started training (a resumed run counts from its restart).
-            elapsed = None if self._t0 is None else round(time.monotonic() - self._t0, 1)
-            extra = {"pretraining": "gmml", **self.extra_export, "epoch": epoch + 1, "train_seconds": elapsed}
-            snap = Path(run_dir) / "snapshots" / f"epoch_{epoch + 1:03d}"
-            export_encoder(self.model.encoder, self.vit_cfg, self.normalization, snap / "encoder", extra)
+    def write_picture(self, run_dir: Path, epoch: int) -> None:
         if self.vis_batch is None:
             return
         was_training = self.training
@@ -135,17 +114,9 @@ class GMMLTask(Task):
             as_np["corrupted"],
             recon[:, 0].cpu().numpy(),
             as_np["mask"] > 0.5,
-            Path(run_dir) / "recon" / f"epoch_{epoch + 1:03d}.png",
+            run_dir / "recon" / f"epoch_{epoch + 1:03d}.png",
             title=f"GMML reconstruction, epoch {epoch + 1}",
         )
-
-    def export(self, run_dir: Path, trained: TrainedWeights) -> None:
-        extra = {"pretraining": "gmml", **self.extra_export}
-        export_encoder(self.model.encoder, self.vit_cfg, self.normalization, Path(run_dir) / "encoder", extra)
-
-    def describe(self) -> dict[str, Any]:
-        """What is exported alongside the encoder (for logs)."""
-        return {"vit": asdict(self.vit_cfg), "normalization": asdict(self.normalization)}
 
 
 def _check_recon_blocks(blocks: list[int], depth: int) -> None:
@@ -203,16 +174,9 @@ def build_pretraining(
     cache = open_cache(cfg.data.cache, cfg.model.img_size, cfg.data.allow_leakage)
     mean, std = cache.stats
     norm = Normalization(mean=float(mean), std=float(std))
-    train_splits = [s for s in cfg.gmml.splits if s != cfg.data.val_split]
-    train_idx = np.concatenate([cache.indices(split=s) for s in train_splits])
-    if len(train_idx) == 0:
-        present = sorted({r.split or "(none)" for r in cache.rows})
-        raise DataError(
-            f"{cfg.data.cache}: no usable images in splits {train_splits} (the cache's splits: "
-            f"{', '.join(present)}); pre-train on the splits it has (gmml.splits=[...]) or assign splits "
-            "with sscxr split MANIFEST --split 0.7,0.15,0.15 --out NEW.csv and prepare a cache from it"
-        )
-    val_idx = cache.indices(split=cfg.data.val_split) if cfg.data.val_split in cfg.gmml.splits else []
+    train_idx, val_idx = pretraining_rows(
+        cache, str(cfg.data.cache), cfg.gmml.splits, cfg.data.val_split, "gmml"
+    )
 
     def dataset(indices: np.ndarray, augment: bool, deferred: bool = deferred) -> GMMLDataset:
         return GMMLDataset(
@@ -227,7 +191,7 @@ def build_pretraining(
         )
 
     train_set = dataset(train_idx, augment=True)
-    val_set = dataset(np.asarray(val_idx), augment=False) if len(val_idx) else None
+    val_set = dataset(val_idx, augment=False) if len(val_idx) else None
     # The picture's few images are finished here, whatever the training pipeline.
     vis_source = dataset(val_idx if len(val_idx) else train_idx, augment=False, deferred=False)
     vis_batch = default_collate([vis_source[k] for k in range(min(cfg.gmml.n_vis, len(vis_source)))])
