@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sscxr.cli import build_parser, main
-from sscxr.cli.data_cmds import _OPTIONS, LAYOUTS
+from sscxr.data.importers import OPTIONS, registered_importers
 from sscxr.data.manifest import read_manifest
 
 
@@ -42,11 +42,12 @@ def error_of(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 # ----------------------------------------------------------------------------- registry and help
 def test_every_layout_is_a_subcommand_with_only_its_own_options(capsys: pytest.CaptureFixture[str]) -> None:
     listing = help_of(capsys, "import")
-    names = [layout.name for layout in LAYOUTS]
+    layouts = registered_importers()
+    names = [layout.name for layout in layouts]
     assert names == ["folder", "kermany", "covidx", "montgomery", "shenzhen", "pairs", "jsrt", "csv", "masks"]
     assert all(name in listing for name in names)
-    all_flags = {o.flags[0] for o in _OPTIONS.values()}
-    for layout in LAYOUTS:
+    all_flags = {o.flags[0] for o in OPTIONS.values()}
+    for layout in layouts:
         text = help_of(capsys, "import", layout.name)
         own = {o.flags[0] for o in layout.options}
         assert all(flag in text for flag in own), (layout.name, own)

@@ -19,22 +19,20 @@ import numpy as np
 
 from sscxr.errors import ConfigError
 from sscxr.metrics import (
+    CLASSIFICATION_METRICS,
+    ClassificationResult,
     MetricValue,
     bootstrap_metrics,
     classification_metrics,
     curves,
-    defined,
-    expected_calibration_error,
+    overall_metrics,
     reliability_curve,
     threshold_for_sensitivity,
     youden_threshold,
 )
-from sscxr.metrics import predict as predict_classes
 
 __all__ = [
     "ALL",
-    "CLASS_METRICS",
-    "OVERALL_METRICS",
     "ThresholdChoice",
     "ThresholdRule",
     "choose_threshold",
@@ -44,16 +42,8 @@ __all__ = [
 ]
 
 ALL = "all"  # the "class" of metrics computed over every class (accuracy, ECE, macro AUCs)
-CLASS_METRICS = ("sensitivity", "specificity", "fpr", "fnr", "precision", "auc_pr", "auc_roc")
-# balanced_accuracy is the mean sensitivity over the classes present; macro_specificity the mean specificity.
-OVERALL_METRICS = (
-    "accuracy",
-    "balanced_accuracy",
-    "macro_specificity",
-    "macro_auc_roc",
-    "macro_auc_pr",
-    "ece",
-)
+# Which metrics are reported, in which order, and their "n": the reported entries of
+# `sscxr.metrics.CLASSIFICATION_METRICS` (overall ones as "all/<key>", then each class's).
 
 
 # ------------------------------------------------------------------------------------------ thresholds
@@ -162,38 +152,27 @@ def metric_summary(
 ) -> dict[str, MetricValue]:
     """Every reported metric as ``{"<class>/<metric>": MetricValue, "all/<metric>": ...}``.
 
-    This is the function bootstrapped: each resample of patients calls it once, so all metrics share
-    the same resamples. Point estimates take their AUCs from scikit-learn; resamples (`fast_auc`) from
-    the metrics module's equal, faster implementation.
+    The metrics and their order are the reported entries of `CLASSIFICATION_METRICS`: the overall
+    ones first, then each class's one-vs-rest ones. This is the function bootstrapped: each resample
+    of patients calls it once, so all metrics share the same resamples. Point estimates take their
+    AUCs from scikit-learn; resamples (`fast_auc`) from the metrics module's equal, faster
+    implementation.
     """
     res = classification_metrics(y, probs, class_names, threshold, fast_auc=fast_auc)
-    out: dict[str, MetricValue] = {
-        f"{ALL}/accuracy": res.accuracy,
-        f"{ALL}/balanced_accuracy": res.balanced_accuracy,
-        f"{ALL}/macro_specificity": _mean([r.specificity for r in res.rows]),
-        f"{ALL}/macro_auc_roc": res.macro_auc_roc,
-        f"{ALL}/macro_auc_pr": res.macro_auc_pr,
-        f"{ALL}/ece": defined(expected_calibration_error(y, probs, n_bins)),
-    }
+    out = {f"{ALL}/{k}": v for k, v in overall_metrics(res, y, probs, n_bins).items()}
+    shown = [s.key for s in CLASSIFICATION_METRICS.select("class", reported=True)]
     for row in res.rows:
-        out.update({f"{row.name}/{m}": getattr(row, m) for m in CLASS_METRICS})
+        out.update({f"{row.name}/{m}": row.values[m] for m in shown})
     return out
 
 
-def _mean(values: Sequence[MetricValue]) -> MetricValue:
-    # Strict like the metrics module's macro AUCs: averaging only the defined classes would change meaning.
-    bad = next((v for v in values if not v.defined), None)
-    return bad if bad is not None else defined(float(np.mean([v.value for v in values])))
-
-
-def _denominators(y: np.ndarray, pred: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
-    """Images in each metric's denominator (the "n" column): positives, negatives, predicted positives."""
-    n = {f"{ALL}/{m}": int(y.size) for m in OVERALL_METRICS}
-    for k, name in enumerate(class_names):
-        pos, neg, called = int((y == k).sum()), int((y != k).sum()), int((pred == k).sum())
-        n.update({f"{name}/sensitivity": pos, f"{name}/fnr": pos, f"{name}/specificity": neg})
-        n.update({f"{name}/fpr": neg, f"{name}/precision": called})
-        n.update({f"{name}/auc_pr": int(y.size), f"{name}/auc_roc": int(y.size)})
+def _denominators(res: ClassificationResult) -> dict[str, int]:
+    """Images in each metric's denominator (the "n" column), from each metric's `denominator`:
+    positives, negatives, predicted positives, ... of the class; all images for overall metrics."""
+    n = {f"{ALL}/{s.key}": res.n for s in CLASSIFICATION_METRICS.select("overall", reported=True)}
+    per_class = CLASSIFICATION_METRICS.select("class", reported=True)
+    for row in res.rows:
+        n.update({f"{row.name}/{s.key}": s.count(row) for s in per_class})
     return n
 
 
@@ -256,7 +235,9 @@ def _reliability(y: np.ndarray, probs: np.ndarray, n_bins: int) -> dict[str, Any
 def _empty_result(class_names: Sequence[str], threshold: float | None) -> dict[str, Any]:
     """A test set with no image the task uses: every metric n/a with that reason, nothing to plot."""
     reason = "no image of this test set has a label the task uses"
-    keys = [(ALL, m) for m in OVERALL_METRICS] + [(c, m) for c in class_names for m in CLASS_METRICS]
+    overall = [s.key for s in CLASSIFICATION_METRICS.select("overall", reported=True)]
+    per_class = [s.key for s in CLASSIFICATION_METRICS.select("class", reported=True)]
+    keys = [(ALL, m) for m in overall] + [(c, m) for c in class_names for m in per_class]
     k = len(class_names)
     return {
         "class_names": list(class_names), "threshold": threshold, "n_images": 0, "n_patients": 0,
@@ -308,8 +289,7 @@ def evaluate_arrays(
             return metric_summary(yy, ss, class_names, threshold, n_bins, fast_auc=True)
 
         cis = bootstrap_metrics(y, probs, groups, summary, n_boot=n_boot, alpha=alpha, seed=seed)
-    pred = predict_classes(probs, threshold)
-    confusion = classification_metrics(y, probs, class_names, threshold).confusion
+    res = classification_metrics(y, probs, class_names, threshold)
     pats = groups if groups is not None else np.arange(y.size).astype(object)
     return {
         "class_names": list(class_names),
@@ -317,8 +297,8 @@ def evaluate_arrays(
         "n_images": int(y.size),
         "n_patients": len(set(pats.tolist())),
         "counts": _counts(y, pats, class_names),
-        "metrics": _metric_rows(point, cis, _denominators(y, pred, class_names)),
-        "confusion": confusion.astype(int).tolist(),
+        "metrics": _metric_rows(point, cis, _denominators(res)),
+        "confusion": res.confusion.astype(int).tolist(),
         "curves": _curves(y, probs, class_names),
         "reliability": _reliability(y, probs, n_bins),
     }

@@ -2,6 +2,8 @@
 
 Undefined metrics (a zero denominator, a single class, a distance to an empty mask) are
 ``MetricValue(None, reason)``, never a number; see `classification` and `segmentation` for the policies.
+The classification metrics that are reported are one table, `CLASSIFICATION_METRICS`; `register_metric`
+adds one.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from sscxr.metrics.accumulator import Accumulator, ClassificationAccumulator, Se
 from sscxr.metrics.bootstrap import CI, bootstrap_ci, bootstrap_metrics, resample_indices
 from sscxr.metrics.calibration import ReliabilityCurve, expected_calibration_error, reliability_curve
 from sscxr.metrics.classification import (
+    CLASSIFICATION_METRICS,
     ClassificationResult,
     ClassRow,
     Curves,
+    MetricSpec,
+    MetricTable,
     MetricValue,
     as_metric,
     auc_roc,
@@ -23,10 +28,13 @@ from sscxr.metrics.classification import (
     curves,
     defined,
     known_mask,
+    overall_metrics,
     paper_accuracy,
     predict,
+    register_metric,
     threshold_for_sensitivity,
     undefined,
+    unregister_metric,
     youden_threshold,
 )
 from sscxr.metrics.segmentation import (
@@ -39,12 +47,15 @@ from sscxr.metrics.segmentation import (
 
 __all__ = [
     "CI",
+    "CLASSIFICATION_METRICS",
     "SEG_METRICS",
     "Accumulator",
     "ClassRow",
     "ClassificationAccumulator",
     "ClassificationResult",
     "Curves",
+    "MetricSpec",
+    "MetricTable",
     "MetricValue",
     "ReliabilityCurve",
     "SegmentationAccumulator",
@@ -61,14 +72,17 @@ __all__ = [
     "defined",
     "expected_calibration_error",
     "known_mask",
+    "overall_metrics",
     "paper_accuracy",
     "postprocess_lungs",
     "predict",
+    "register_metric",
     "reliability_curve",
     "resample_indices",
     "segmentation_metrics",
     "summarize",
     "threshold_for_sensitivity",
     "undefined",
+    "unregister_metric",
     "youden_threshold",
 ]

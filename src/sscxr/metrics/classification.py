@@ -9,13 +9,19 @@ Conventions:
 - Standard names: sensitivity = TPR = TP / (TP + FN), specificity = TNR = TN / (TN + FP),
   FPR = 1 - specificity, FNR = 1 - sensitivity. The SS-CXR paper's column headed "TPR" is the
   specificity; see `paper_accuracy`.
+- `CLASSIFICATION_METRICS` is the one table of the reported metrics: each `MetricSpec` says how the
+  metric is computed, its name, its report column, its place in the report order and its "n". The
+  per-class rows (`ClassRow`), the evaluation's metric dict (and so its bootstrap intervals, metrics.json
+  and metrics.csv) and the report tables all read it: adding a metric is one entry (or one
+  `register_metric` call).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import numpy as np
 from scipy.stats import rankdata
@@ -75,22 +81,19 @@ def _ratio(num: float, den: float, reason: str) -> MetricValue:
 def binary_rates(tp: int, fp: int, tn: int, fn: int) -> dict[str, MetricValue]:
     """Rates of a 2x2 confusion table; each is undefined when its denominator is 0.
 
+    The rates are the threshold-kind one-vs-rest metrics of `CLASSIFICATION_METRICS` plus the table's
+    own accuracy (TP + TN) / all, in ``RATE_NAMES`` order, then any registered ones.
+
     Returns:
         dict with keys ``RATE_NAMES``: sensitivity (TPR, recall), specificity (TNR), fpr, fnr,
-        precision (PPV), npv, accuracy, f1.
+        precision (PPV), npv, accuracy, f1 (and the registered threshold-kind class metrics).
     """
-    pos, neg = tp + fn, tn + fp
-    no_pos, no_neg = "no positive samples (TP + FN = 0)", "no negative samples (TN + FP = 0)"
-    return {
-        "sensitivity": _ratio(tp, pos, no_pos),
-        "specificity": _ratio(tn, neg, no_neg),
-        "fpr": _ratio(fp, neg, no_neg),
-        "fnr": _ratio(fn, pos, no_pos),
-        "precision": _ratio(tp, tp + fp, "no positive predictions (TP + FP = 0)"),
-        "npv": _ratio(tn, tn + fn, "no negative predictions (TN + FN = 0)"),
-        "accuracy": _ratio(tp + tn, pos + neg, "no samples"),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn, "no positive samples and no positive predictions"),
+    rates = {
+        s.key: s.from_counts(tp, fp, tn, fn) for s in CLASSIFICATION_METRICS.select("class", kind="threshold")
     }
+    rates["accuracy"] = _ratio(tp + tn, tp + fp + tn + fn, "no samples")
+    order = [*RATE_NAMES, *(k for k in rates if k not in RATE_NAMES)]
+    return {k: rates[k] for k in order}
 
 
 def known_mask(y_true: np.ndarray) -> np.ndarray:
@@ -151,23 +154,25 @@ def auc_roc(y_bin: np.ndarray, score: np.ndarray) -> MetricValue:
     return defined((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _sklearn_auc_roc(y_bin: np.ndarray, score: np.ndarray) -> MetricValue:
+    y = np.asarray(y_bin, dtype=bool)
+    if y.all() or not y.any():  # the case `auc_roc` calls undefined, with its reason
+        return undefined("only one class present in y_true")
+    return defined(float(roc_auc_score(y, score)))
+
+
+def _sklearn_auc_pr(y_bin: np.ndarray, score: np.ndarray) -> MetricValue:
+    y = np.asarray(y_bin, dtype=bool)
+    if not y.any():
+        return undefined("no positive samples in y_true")
+    return defined(float(average_precision_score(y, score)))
+
+
 def sklearn_aucs(y_bin: np.ndarray, score: np.ndarray) -> tuple[MetricValue, MetricValue]:
     """(AUC-ROC, AUC-PR) from scikit-learn itself, with the same undefined cases as `auc_roc` and
     `average_precision`. Used for every reported point estimate; bootstrap resamples use the fast,
     equal (tested to 1e-12) implementations above."""
-    y = np.asarray(y_bin, dtype=bool)
-    one_class = y.all() or not y.any()  # the case `auc_roc` calls undefined, with its reason
-    roc = (
-        undefined("only one class present in y_true")
-        if one_class
-        else defined(float(roc_auc_score(y, score)))
-    )
-    pr = (
-        defined(float(average_precision_score(y, score)))
-        if y.any()
-        else undefined("no positive samples in y_true")
-    )
-    return roc, pr
+    return _sklearn_auc_roc(y_bin, score), _sklearn_auc_pr(y_bin, score)
 
 
 def average_precision(y_bin: np.ndarray, score: np.ndarray) -> MetricValue:
@@ -196,7 +201,11 @@ def average_precision(y_bin: np.ndarray, score: np.ndarray) -> MetricValue:
 
 @dataclass(frozen=True)
 class ClassRow:
-    """One-vs-rest metrics of one class (for binary tasks the row of class 1 is "the" result)."""
+    """One-vs-rest metrics of one class (for binary tasks the row of class 1 is "the" result).
+
+    Every class-scope metric of `CLASSIFICATION_METRICS` is in ``values`` and readable as an attribute:
+    ``row.sensitivity``, ``row.auc_roc``, ``row.<registered key>``.
+    """
 
     name: str
     support: int
@@ -204,20 +213,19 @@ class ClassRow:
     fp: int
     tn: int
     fn: int
-    sensitivity: MetricValue
-    specificity: MetricValue
-    fpr: MetricValue
-    fnr: MetricValue
-    precision: MetricValue
-    npv: MetricValue
-    f1: MetricValue
-    auc_roc: MetricValue
-    auc_pr: MetricValue
+    values: dict[str, MetricValue] = field(default_factory=dict, hash=False)
+
+    def __getattr__(self, key: str) -> MetricValue:
+        # Only reached when ordinary lookup fails; vars() avoids recursing before ``values`` exists
+        # (copy and unpickling look up special methods on a bare instance).
+        values = vars(self).get("values")
+        if values is not None and key in values:
+            return values[key]
+        raise AttributeError(f"{type(self).__name__} has no attribute or metric {key!r}")
 
     def metrics(self) -> dict[str, MetricValue]:
-        """The MetricValue fields by name, in declaration order."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {k: v for k, v in values.items() if isinstance(v, MetricValue)}
+        """The metrics by name, in `CLASSIFICATION_METRICS` order."""
+        return dict(self.values)
 
 
 @dataclass(frozen=True)
@@ -265,6 +273,258 @@ class ClassificationResult:
         return {k: v.value for k, v in self.summary().items()}
 
 
+# ------------------------------------------------------------------------------ the metric table
+MetricKind = Literal["threshold", "score"]
+MetricScope = Literal["class", "overall"]
+# What the report's "n" column counts for a metric, from the one-vs-rest counts (overall: all images).
+DENOMINATORS: dict[str, Callable[[int, int, int, int], int]] = {
+    "positives": lambda tp, fp, tn, fn: tp + fn,
+    "negatives": lambda tp, fp, tn, fn: tn + fp,
+    "predicted positives": lambda tp, fp, tn, fn: tp + fp,
+    "predicted negatives": lambda tp, fp, tn, fn: tn + fn,
+    "all": lambda tp, fp, tn, fn: tp + fp + tn + fn,
+}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One classification metric: how it is computed, named, ordered, counted and shown.
+
+    Attributes:
+        key: its name in metric dicts, metrics.json and metrics.csv: ``"<class>/<key>"`` for a
+            one-vs-rest metric, ``"all/<key>"`` for an overall one. Unique in the table.
+        label: its column header in the report tables (``"Sens"``).
+        kind: ``"threshold"``: a function of the predicted classes (frozen threshold or arg-max);
+            ``"score"``: of the ranking of the scores only.
+        compute: returns a MetricValue, or a float (None / NaN: undefined), from
+            - scope "class", kind "threshold": ``compute(tp, fp, tn, fn)``, the class against the rest;
+            - scope "class", kind "score": ``compute(y_bin, score, fast)``, (N,) bools and (N,) scores
+              of the class; ``fast`` is True on bootstrap resamples (a quicker, equal implementation
+              may be used);
+            - scope "overall": ``compute(result, y_true, scores, n_bins)``, the ClassificationResult
+              with every class row, the raw labels and (N, C) scores, and the calibration bins.
+        higher_is_better: the direction of a better model (for readers and model selection).
+        doc: its definition in one line, including when it is undefined.
+        scope: ``"class"`` (one value per class against the rest) or ``"overall"``.
+        denominator: what the report's "n" column counts (a key of `DENOMINATORS`).
+        reported: in the evaluation's metric dict, so in the bootstrap, metrics.json, metrics.csv;
+            False: on `ClassRow` only.
+        column: a column of the paper-style result tables (Tables 1-4), in table order.
+        percent: shown x 100 with 2 decimals (as the paper prints ACC); else 3 decimals.
+    """
+
+    key: str
+    label: str
+    kind: MetricKind
+    compute: Callable[..., MetricValue | float | None]
+    higher_is_better: bool
+    doc: str
+    scope: MetricScope = "class"
+    denominator: str = "all"
+    reported: bool = True
+    column: bool = True
+    percent: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.key.isidentifier():
+            raise ValueError(f"metric key {self.key!r} must be an identifier (it names a ClassRow attribute)")
+        if self.kind not in ("threshold", "score"):
+            raise ValueError(f"metric {self.key!r}: kind must be 'threshold' or 'score', got {self.kind!r}")
+        if self.scope not in ("class", "overall"):
+            raise ValueError(f"metric {self.key!r}: scope must be 'class' or 'overall', got {self.scope!r}")
+        if self.denominator not in DENOMINATORS:
+            raise ValueError(f"metric {self.key!r}: denominator must be one of {sorted(DENOMINATORS)}")
+        if self.column and not self.reported:
+            raise ValueError(f"metric {self.key!r}: a report column must be reported")
+
+    def from_counts(self, tp: int, fp: int, tn: int, fn: int) -> MetricValue:
+        """A class-scope threshold metric of one class's one-vs-rest counts."""
+        return as_metric(self.compute(tp, fp, tn, fn))
+
+    def from_scores(self, y_bin: np.ndarray, score: np.ndarray, fast: bool = False) -> MetricValue:
+        """A class-scope score metric of one class's (N,) positives and (N,) scores."""
+        return as_metric(self.compute(y_bin, score, fast))
+
+    def overall(
+        self, result: ClassificationResult, y_true: np.ndarray, scores: np.ndarray, n_bins: int
+    ) -> MetricValue:
+        """An overall metric of a whole ClassificationResult (and the raw labels and scores)."""
+        return as_metric(self.compute(result, y_true, scores, n_bins))
+
+    def count(self, row: ClassRow) -> int:
+        """The report's "n" of this class-scope metric on one class row."""
+        return DENOMINATORS[self.denominator](row.tp, row.fp, row.tn, row.fn)
+
+
+class MetricTable:
+    """The classification metrics in report order; built-ins plus those added by `register`.
+
+    One module-level instance, `CLASSIFICATION_METRICS`, is read at call time by `classification_metrics`
+    (the `ClassRow` values), `binary_rates`, `overall_metrics`, the evaluation's metric dict (bootstrap,
+    metrics.json, "n" column) and the report tables (columns, labels, formats).
+    """
+
+    def __init__(self, specs: Iterable[MetricSpec]) -> None:
+        self._specs: list[MetricSpec] = []
+        for spec in specs:
+            self._check_new(spec)
+            self._specs.append(spec)
+        self._builtin = frozenset(self.keys())
+
+    def __iter__(self) -> Iterator[MetricSpec]:
+        return iter(tuple(self._specs))
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __contains__(self, key: object) -> bool:
+        return any(s.key == key for s in self._specs)
+
+    def __getitem__(self, key: str) -> MetricSpec:
+        for s in self._specs:
+            if s.key == key:
+                return s
+        raise KeyError(f"no classification metric {key!r}; known: {', '.join(self.keys())}")
+
+    def keys(self) -> tuple[str, ...]:
+        """Every key, in report order."""
+        return tuple(s.key for s in self._specs)
+
+    def select(
+        self,
+        scope: MetricScope | None = None,
+        *,
+        kind: MetricKind | None = None,
+        reported: bool | None = None,
+        column: bool | None = None,
+    ) -> tuple[MetricSpec, ...]:
+        """The entries matching every given filter (None: any), in report order."""
+        return tuple(
+            s
+            for s in self._specs
+            if (scope is None or s.scope == scope)
+            and (kind is None or s.kind == kind)
+            and (reported is None or s.reported == reported)
+            and (column is None or s.column == column)
+        )
+
+    def _check_new(self, spec: MetricSpec) -> None:
+        if spec.key in self:
+            raise ValueError(f"a classification metric {spec.key!r} exists already (keys are unique)")
+        shadowed = hasattr(ClassRow, spec.key) or spec.key in {f.name for f in fields(ClassRow)}
+        if spec.scope == "class" and shadowed:
+            raise ValueError(f"metric key {spec.key!r} would shadow ClassRow.{spec.key}")
+
+    def register(self, spec: MetricSpec, *, before: str | None = None) -> MetricSpec:
+        """Add a metric: last in report order, or just before the metric ``before``.
+
+        Raises:
+            ValueError: the key exists already or would shadow a ClassRow attribute.
+            KeyError: ``before`` is not in the table.
+        """
+        self._check_new(spec)
+        at = len(self._specs) if before is None else self._specs.index(self[before])
+        self._specs.insert(at, spec)
+        return spec
+
+    def unregister(self, key: str) -> MetricSpec:
+        """Remove a registered (not built-in) metric and return it."""
+        if key in self._builtin:
+            raise ValueError(f"{key!r} is a built-in metric: it cannot be unregistered")
+        spec = self[key]
+        self._specs.remove(spec)
+        return spec
+
+
+def _strict_mean(values: Sequence[MetricValue]) -> MetricValue:
+    # Strict like the macro AUCs: averaging only the defined classes would change meaning.
+    bad = next((v for v in values if not v.defined), None)
+    return bad if bad is not None else defined(float(np.mean([v.value for v in values])))
+
+
+def _ece(result: ClassificationResult, y_true: np.ndarray, scores: np.ndarray, n_bins: int) -> MetricValue:
+    from sscxr.metrics.calibration import expected_calibration_error  # calibration imports this module
+
+    return defined(expected_calibration_error(y_true, scores, n_bins))
+
+
+_NO_POS, _NO_NEG = "no positive samples (TP + FN = 0)", "no negative samples (TN + FP = 0)"
+
+CLASSIFICATION_METRICS = MetricTable(
+    [
+        # One-vs-rest, per class, in the order of metrics.json and of the paper-style columns.
+        MetricSpec("sensitivity", "Sens", "threshold", lambda tp, fp, tn, fn: _ratio(tp, tp + fn, _NO_POS),
+                   True, "TPR, recall: TP / (TP + FN)", denominator="positives"),
+        MetricSpec("specificity", "Spec", "threshold", lambda tp, fp, tn, fn: _ratio(tn, tn + fp, _NO_NEG),
+                   True, "TNR: TN / (TN + FP) (the SS-CXR paper's \"TPR\" column)", denominator="negatives"),
+        MetricSpec("fpr", "FPR", "threshold", lambda tp, fp, tn, fn: _ratio(fp, tn + fp, _NO_NEG),
+                   False, "FP / (TN + FP) = 1 - specificity", denominator="negatives"),
+        MetricSpec("fnr", "FNR", "threshold", lambda tp, fp, tn, fn: _ratio(fn, tp + fn, _NO_POS),
+                   False, "FN / (TP + FN) = 1 - sensitivity", denominator="positives"),
+        MetricSpec("precision", "PPV", "threshold",
+                   lambda tp, fp, tn, fn: _ratio(tp, tp + fp, "no positive predictions (TP + FP = 0)"),
+                   True, "PPV: TP / (TP + FP)", denominator="predicted positives", column=False),
+        MetricSpec("npv", "NPV", "threshold",
+                   lambda tp, fp, tn, fn: _ratio(tn, tn + fn, "no negative predictions (TN + FN = 0)"),
+                   True, "TN / (TN + FN)", denominator="predicted negatives", reported=False, column=False),
+        MetricSpec("f1", "F1", "threshold",
+                   lambda tp, fp, tn, fn: _ratio(2 * tp, 2 * tp + fp + fn,
+                                                 "no positive samples and no positive predictions"),
+                   True, "2 TP / (2 TP + FP + FN)", reported=False, column=False),
+        MetricSpec("auc_pr", "AUC-PR", "score",
+                   lambda y, s, fast: average_precision(y, s) if fast else _sklearn_auc_pr(y, s),
+                   True, "average precision of the class's score; undefined without positives"),
+        MetricSpec("auc_roc", "AUC-ROC", "score",
+                   lambda y, s, fast: auc_roc(y, s) if fast else _sklearn_auc_roc(y, s),
+                   True, "area under the ROC curve of the class's score; undefined with one class only"),
+        # Over all classes ("all/<key>"); ACC closes the paper-style tables.
+        MetricSpec("accuracy", "ACC %", "threshold", lambda r, y, s, b: r.accuracy, True,
+                   "correct / all at the operating threshold or arg-max", scope="overall", percent=True),
+        MetricSpec("balanced_accuracy", "BAcc", "threshold", lambda r, y, s, b: r.balanced_accuracy, True,
+                   "mean sensitivity over the classes present", scope="overall", column=False),
+        MetricSpec("macro_specificity", "Spec (mean)", "threshold",
+                   lambda r, y, s, b: _strict_mean([row.specificity for row in r.rows]), True,
+                   "mean one-vs-rest specificity; undefined if any class's is", scope="overall",
+                   column=False),
+        MetricSpec("macro_auc_roc", "AUC-ROC (macro)", "score", lambda r, y, s, b: r.macro_auc_roc, True,
+                   "binary: the positive class's AUC-ROC; else the mean one-vs-rest", scope="overall",
+                   column=False),
+        MetricSpec("macro_auc_pr", "AUC-PR (macro)", "score", lambda r, y, s, b: r.macro_auc_pr, True,
+                   "binary: the positive class's AUC-PR; else the mean one-vs-rest", scope="overall",
+                   column=False),
+        MetricSpec("ece", "ECE", "score", _ece, False,
+                   "expected calibration error, equal-width bins", scope="overall", column=False),
+    ]
+)  # fmt: skip
+
+
+def register_metric(spec: MetricSpec, *, before: str | None = None) -> MetricSpec:
+    """Add a classification metric to `CLASSIFICATION_METRICS` (see `MetricTable.register`): it is then
+    computed on every `ClassRow`, reported and bootstrapped by the evaluation and, with ``column``,
+    shown in the report tables, with no other edit."""
+    return CLASSIFICATION_METRICS.register(spec, before=before)
+
+
+def unregister_metric(key: str) -> MetricSpec:
+    """Remove a metric added by `register_metric`."""
+    return CLASSIFICATION_METRICS.unregister(key)
+
+
+def overall_metrics(
+    result: ClassificationResult, y_true: np.ndarray, scores: np.ndarray, n_bins: int = 15
+) -> dict[str, MetricValue]:
+    """The reported overall metrics of the table, ``{key: MetricValue}`` in report order.
+
+    Args:
+        result: `classification_metrics` of ``y_true`` and ``scores``.
+        y_true: (N,) labels as given to it; scores: (N, C); n_bins: calibration bins.
+    """
+    return {
+        s.key: s.overall(result, y_true, scores, n_bins)
+        for s in CLASSIFICATION_METRICS.select("overall", reported=True)
+    }
+
+
 def predict(scores: np.ndarray, threshold: float | None = None) -> np.ndarray:
     """Predicted classes: arg-max, or for binary tasks class 1 when ``scores[:, 1] >= threshold``.
 
@@ -286,13 +546,14 @@ def _class_row(name: str, k: int, cm: np.ndarray, y: np.ndarray, s: np.ndarray, 
     fn = int(cm[k].sum()) - tp
     fp = int(cm[:, k].sum()) - tp
     tn = int(cm.sum()) - tp - fn - fp
-    r = binary_rates(tp, fp, tn, fn)
-    return ClassRow(
-        name, tp + fn, tp, fp, tn, fn,
-        r["sensitivity"], r["specificity"], r["fpr"], r["fnr"], r["precision"], r["npv"], r["f1"],
-        *((auc_roc(y == k, s[:, k]), average_precision(y == k, s[:, k])) if fast
-          else sklearn_aucs(y == k, s[:, k])),
-    )  # fmt: skip
+    y_bin, score = y == k, s[:, k]
+    values = {
+        spec.key: spec.from_counts(tp, fp, tn, fn)
+        if spec.kind == "threshold"
+        else spec.from_scores(y_bin, score, fast)
+        for spec in CLASSIFICATION_METRICS.select("class")
+    }
+    return ClassRow(name, tp + fn, tp, fp, tn, fn, values)
 
 
 def _macro(values: Sequence[MetricValue], names: Sequence[str], what: str) -> MetricValue:

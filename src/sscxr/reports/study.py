@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure as MplFigure
 
+from sscxr.metrics import CLASSIFICATION_METRICS
 from sscxr.reports.classification import mapping_note
 from sscxr.reports.document import Block, Code, Figure, Heading, Items, Text, to_markdown
 from sscxr.reports.html import to_html
 from sscxr.reports.plots import figure_png
-from sscxr.reports.tables import NOT_RUN, Table
-from sscxr.study.aggregate import Estimate
+from sscxr.reports.tables import NOT_RUN, Table, paper_columns
+from sscxr.study.aggregate import METRICS, Estimate
 from sscxr.study.results import Cell, StudyResults, resolve_references, row_kind
 from sscxr.study.spec import StudySpec
 from sscxr.utils import atomic_write_bytes, atomic_write_text
@@ -34,8 +35,15 @@ from sscxr.utils import atomic_write_bytes, atomic_write_text
 __all__ = ["StudyReport", "build_blocks", "write_study_report"]
 
 _KIND_ORDER = {"reference": 0, "probe": 1, "finetune": 2}
-_PAPER = (("Sens", "sensitivity"), ("Spec", "specificity"), ("FPR", "fpr"), ("FNR", "fnr"),
-          ("AUC-PR", "auc_pr"), ("AUC-ROC", "auc_roc"), ("ACC %", "accuracy"))  # fmt: skip
+# Rates the study derives from another of its metrics (1 - that metric) rather than aggregating them.
+_COMPLEMENTS = {"fpr": "specificity", "fnr": "sensitivity"}
+
+
+def _paper_columns() -> list[tuple[str, str]]:
+    """(label, metric) of the paper-shaped tables: the evaluation report's paper columns (one table,
+    `sscxr.metrics.CLASSIFICATION_METRICS`) that the study aggregates (`sscxr.study.aggregate.METRICS`)
+    or derives; a metric the study does not aggregate has no column here."""
+    return [(c.label, c.key) for c in paper_columns() if c.key in METRICS or c.key in _COMPLEMENTS]
 
 
 @dataclass(frozen=True)
@@ -115,8 +123,8 @@ def headline_table(cell: Cell, results: StudyResults, refs: Sequence[str]) -> Ta
 def _paper_value(e: Estimate | None, metric: str) -> str:
     if e is None:
         return NOT_RUN
-    scale = 100.0 if metric == "accuracy" else 1.0
-    spec = ".2f" if metric == "accuracy" else ".3f"
+    percent = metric in CLASSIFICATION_METRICS and CLASSIFICATION_METRICS[metric].percent  # ACC in %
+    scale, spec = (100.0, ".2f") if percent else (1.0, ".3f")
     return f"{_f(e.mean * scale, spec)} ±{_f(e.sd * scale, spec)}"
 
 
@@ -125,8 +133,8 @@ def _paper_metric(cell: Cell, row: str, metric: str) -> Estimate | None:
     if c is None or row not in c.rows:
         return None
     m = c.rows[row].metrics
-    if metric in ("fpr", "fnr"):
-        base = m["specificity" if metric == "fpr" else "sensitivity"]
+    if metric in _COMPLEMENTS:
+        base = m[_COMPLEMENTS[metric]]
         return Estimate(
             1 - base.mean, 1 - base.high, 1 - base.low, base.sd, tuple(1 - v for v in base.per_draw)
         )
@@ -138,16 +146,17 @@ def paper_table(cells: Sequence[Cell], results: StudyResults) -> Table:
     first = cells[0]
     names = results.class_names.get(first.task, ())
     title = f"{first.task} ({' / '.join(names)}), {first.fraction:.0%} of the labels: paper-style table"
+    paper = _paper_columns()
     columns = ["row"]
     groups: list[tuple[str, int]] = [("", 1)]
     for cell in cells:
-        columns += [h for h, _ in _PAPER]
+        columns += [h for h, _ in paper]
         n = cell.comparison.n_images if cell.comparison else 0
-        groups.append((f"{cell.test} ({n} images)", len(_PAPER)))
+        groups.append((f"{cell.test} ({n} images)", len(paper)))
     rows = sorted({r for cell in cells if cell.comparison for r in cell.comparison.rows})
     table = Table(title, columns, groups=groups)
     for r in _ordered(rows, results):
-        table.rows.append([r, *[_paper_value(_paper_metric(c, r, m), m) for c in cells for _, m in _PAPER]])
+        table.rows.append([r, *[_paper_value(_paper_metric(c, r, m), m) for c in cells for _, m in paper]])
     table.notes.append("mean ± SD between labelled-subset draws; operating threshold chosen on validation")
     return table
 

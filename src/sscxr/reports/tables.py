@@ -11,15 +11,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sscxr.metrics import CLASSIFICATION_METRICS, MetricSpec
+
 __all__ = [
     "NOT_RUN",
-    "PAPER_COLUMNS",
     "Table",
     "calibration_table",
     "confusion_tables",
     "counts_table",
     "fmt_metric",
     "metric_index",
+    "paper_columns",
     "paper_tables",
     "summary_table",
     "table_markdown",
@@ -29,17 +31,6 @@ __all__ = [
 ]
 
 NOT_RUN = "—"
-# (header, metric) of the paper-style tables; ACC is overall accuracy, the rest are the class's own.
-PAPER_COLUMNS = (
-    ("Sens", "sensitivity"),
-    ("Spec", "specificity"),
-    ("FPR", "fpr"),
-    ("FNR", "fnr"),
-    ("AUC-PR", "auc_pr"),
-    ("AUC-ROC", "auc_roc"),
-    ("ACC %", "accuracy"),
-)
-_PERCENT = {"accuracy"}  # as the paper prints ACC; every other metric is a fraction
 
 Result = Mapping[str, Any]
 Doc = Mapping[str, Any]
@@ -56,18 +47,33 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
+def paper_columns() -> tuple[MetricSpec, ...]:
+    """The columns of the paper-style tables, in order: the ``column`` entries of
+    `CLASSIFICATION_METRICS` (Sens, Spec, FPR, FNR, AUC-PR, AUC-ROC of the class, then overall ACC %)."""
+    return CLASSIFICATION_METRICS.select(column=True)
+
+
+def _label(key: str) -> str:
+    return CLASSIFICATION_METRICS[key].label
+
+
 def metric_index(result: Result) -> dict[tuple[str, str], Mapping[str, Any]]:
     """``{(class, metric): metric row}`` of one (model, test set) result."""
     return {(m["class"], m["metric"]): m for m in result["metrics"]}
 
 
 def fmt_metric(row: Mapping[str, Any] | None, ci: bool = True) -> str:
-    """``0.975 [0.950, 0.990]`` (accuracy in %), ``n/a (reason)`` when undefined, ``—`` when absent."""
+    """``0.975 [0.950, 0.990]`` (accuracy in %), ``n/a (reason)`` when undefined, ``—`` when absent.
+
+    Metrics whose `CLASSIFICATION_METRICS` entry has ``percent`` (accuracy, as the paper prints ACC)
+    are shown in %; every other metric as a fraction.
+    """
     if row is None:
         return NOT_RUN
     if row["value"] is None:
         return f"n/a ({row['reason'] or 'undefined'})"
-    scale, spec = (100.0, ".2f") if row["metric"] in _PERCENT else (1.0, ".3f")
+    percent = row["metric"] in CLASSIFICATION_METRICS and CLASSIFICATION_METRICS[row["metric"]].percent
+    scale, spec = (100.0, ".2f") if percent else (1.0, ".3f")
     text = format(row["value"] * scale, spec)
     if ci and row.get("ci_low") is not None and row.get("ci_high") is not None:
         text += f" [{row['ci_low'] * scale:{spec}}, {row['ci_high'] * scale:{spec}}]"
@@ -96,21 +102,21 @@ def _paper_table(doc: Doc, task: str, cls: str, binary: bool) -> Table:
     res, tests = _results(doc, task), list(doc["test_sets"])
     classes = doc["models"][_models_of(doc, task)[0]]["class_names"]
     what = f"positive class {cls!r}" if binary else f"class {cls!r} vs the rest"
+    columns = paper_columns()
     table = Table(
         f"{task}: {what} (value [95% CI]; images per class {' / '.join(classes)} in the group headers)",
-        ["Model"] + [h for _ in tests for h, _m in PAPER_COLUMNS],
+        ["Model"] + [c.label for _ in tests for c in columns],
     )
     table.groups = [("", 1)]
     for t in tests:
         first = next((r for (m, tt), r in res.items() if tt == t), None)
-        table.groups.append((f"{t} ({_count_label(first)})" if first else t, len(PAPER_COLUMNS)))
+        table.groups.append((f"{t} ({_count_label(first)})" if first else t, len(columns)))
     for model in _models_of(doc, task):
         cells = [model]
         for t in tests:
             idx = metric_index(res[(model, t)]) if (model, t) in res else {}
-            for _h, metric in PAPER_COLUMNS:
-                key = ("all", metric) if metric == "accuracy" else (cls, metric)
-                cells.append(fmt_metric(idx.get(key)))
+            for c in columns:
+                cells.append(fmt_metric(idx.get(("all" if c.scope == "overall" else cls, c.key))))
         table.rows.append(cells)
     return table
 
@@ -133,9 +139,10 @@ def summary_table(docs: Sequence[Doc]) -> Table:
     mean specificity).
     """
     tests = list(dict.fromkeys(t for d in docs for t in d["test_sets"]))
+    heads = [_label("accuracy"), _label("sensitivity"), _label("specificity")]
     table = Table(
-        "Summary across runs (Table 6 style): ACC %, Sens and Spec with 95% CIs",
-        ["Run", "Model", "Task"] + [h for _ in tests for h in ("ACC %", "Sens", "Spec")],
+        f"Summary across runs (Table 6 style): {heads[0]}, {heads[1]} and {heads[2]} with 95% CIs",
+        ["Run", "Model", "Task"] + [h for _ in tests for h in heads],
         groups=[("", 3)] + [(t, 3) for t in tests],
         notes=[
             "Binary tasks: Sens and Spec of the positive class. Multi-class tasks: the mean over classes "
