@@ -2,7 +2,8 @@
 
 Prints, for ViT-S/16 at 256 px (by default), batch 16, bf16 autocast:
   * the bare timm ViT forward + backward + AdamW step (images/s, MFU);
-  * the whole pre-training step through the real engine (cache -> augmentation + corruption, in the
+  * the whole pre-training step of the config's method (GMML, or MAE with -c pretrain/mae_vit_s16)
+    through the real engine (cache -> augmentation + corruption, in the
     loader or in the step as `--augment-on` says -> encoder -> decoder -> masked L1 -> AdamW), images/s
     and MFU, and the ratio of the two MFUs;
   * the data loader alone (images/s, both `augment_on` ways) and the run's peak memory.
@@ -31,10 +32,11 @@ from sscxr.config import PretrainConfig, load_config
 from sscxr.data.cache import ImageCache, prepare
 from sscxr.data.datasets import GMMLDataset
 from sscxr.data.synth import SynthConfig, generate_cohort
-from sscxr.engine.distributed import DistInfo, resolve_amp, resolve_device
+from sscxr.engine.distributed import DistInfo, resolve_amp, resolve_device, to_device
 from sscxr.engine.trainer import fit
 from sscxr.models.vit import build_vit
-from sscxr.tasks.gmml import build_pretraining, resolve_augment_on
+from sscxr.tasks.gmml import resolve_augment_on
+from sscxr.tasks.methods import pretrain_method
 
 
 def flops_per_image(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -98,9 +100,14 @@ def pretrain_step(
     cfg: PretrainConfig, device: torch.device, steps: int, warmup: int, run: Path
 ) -> tuple[float, float]:
     """(images/s, FLOPs per image) of the real engine's GMML step, measured after `warmup` steps."""
-    task, train_set, _ = build_pretraining(cfg, seed=0, device=device)
-    x = train_set.views(default_collate([train_set[i] for i in range(4)]))["corrupted"].to(device)
-    flops = flops_per_image(task.model.to(device), x)
+    task, train_set, _ = pretrain_method(cfg.method).build(cfg, seed=0, device=device)
+    task.to(device)
+    batch = to_device(default_collate([train_set[i] for i in range(4)]), device, keep=task.host_keys)
+    counter = FlopCounterMode(display=False)
+    with counter:  # the method's whole training step: MAE's encoder sees only the visible patches
+        task.training_step(batch).loss.backward()
+    task.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops() / 4
     cfg.train.max_steps = warmup + steps
     cfg.train.log_every = warmup if warmup else steps
     dist = DistInfo(device=device) if device.type == "cuda" else DistInfo()
@@ -139,7 +146,7 @@ def loader_speed(cfg: PretrainConfig, workers: int, batches: int, deferred: bool
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--config", default="pretrain/gmml_vit_s16")
+    p.add_argument("-c", "--config", default="pretrain/gmml_vit_s16", help="e.g. pretrain/mae_vit_s16")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=256)
@@ -199,13 +206,13 @@ def main() -> None:
             ips, flops = pretrain_step(cfg, device, args.steps, args.warmup, Path(tmp) / "run")
             results["pretrain"] = (ips, flops)
             print(
-                f"GMML pre-train step: {ips:7.2f} img/s, {flops / 1e9:6.1f} GFLOP/img, "
+                f"{cfg.method.upper():4s} pre-train step: {ips:7.2f} img/s, {flops / 1e9:6.1f} GFLOP/img, "
                 f"MFU {ips * flops / peak:6.1%} ({ips * flops / measured:6.1%})"
             )
         if len(results) == 2:
             (bi, bf), (pi, pf) = results["bare"], results["pretrain"]
             print(f"MFU ratio pre-train / bare: {(pi * pf) / (bi * bf):.3f}")
-        if args.only in (None, "loader"):
+        if args.only in (None, "loader") and cfg.method == "gmml":  # the GMML loader, both ways
             for name, deferred in (("loader", False), ("step", True)):
                 ips = loader_speed(cfg, workers, batches=max(8, args.steps), deferred=deferred)
                 print(f"data loader alone  : {ips:7.1f} img/s ({workers} workers, augment_on {name})")
