@@ -125,6 +125,14 @@ class CachedDataset(Dataset[Sample]):
         """The generator of sample `k` in the current epoch."""
         return generator_for(self.seed, self.epoch, int(self.indices[k]))
 
+    def sample_rng(self, k: int) -> np.random.Generator:
+        """A numpy generator of sample `k` in the current epoch (the pre-training samples' draws).
+
+        numpy rather than torch: a pre-training sample's draws are a few dozen tiny arrays, for which
+        numpy calls cost a fraction of torch's, and they are most of a loader worker's time.
+        """
+        return np.random.default_rng([self.seed, self.epoch, int(self.indices[k])])
+
     def _load(
         self, row: int, generator: torch.Generator, with_mask: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -220,14 +228,6 @@ class GMMLDataset(CachedDataset):
         """What turns this dataset's deferred samples into finished ones."""
         assert self.normalize is not None  # always set for GMML (the cache's statistics by default)
         return GMMLViews(self.normalize, self.align)
-
-    def sample_rng(self, k: int) -> np.random.Generator:
-        """The numpy generator of sample `k` in the current epoch: every draw of a GMML sample.
-
-        numpy rather than torch: a sample's draws are a few dozen tiny arrays, for which numpy calls cost
-        a fraction of torch's, and they are most of a loader worker's time.
-        """
-        return np.random.default_rng([self.seed, self.epoch, int(self.indices[k])])
 
     def donor_position(self, k: int, rng: np.random.Generator) -> int:
         """Position (in `indices`) of sample k's donor: uniform over the others, drawn from `rng`."""

@@ -129,10 +129,6 @@ class MAEDataset(CachedDataset):
         self.patch_size = patch_size
         self.num_patches = (cache.size // patch_size) ** 2
 
-    def sample_rng(self, k: int) -> np.random.Generator:
-        """The numpy generator of sample `k` in the current epoch: every draw of an MAE sample."""
-        return np.random.default_rng([self.seed, self.epoch, int(self.indices[k])])
-
     def __getitem__(self, k: int) -> Sample:
         row = int(self.indices[k])
         rng = self.sample_rng(k)
