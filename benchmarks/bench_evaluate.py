@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from sscxr.data.cache import ImageCache, prepare
-from sscxr.data.synth import SynthConfig, generate_cohort
 from sscxr.evaluation import (
     EvalOptions,
     ModelSpec,
@@ -34,6 +33,7 @@ from sscxr.models.classifier import ViTClassifier, export_classifier, load_class
 from sscxr.models.loading import Normalization
 from sscxr.models.vit import build_vit, vit_preset
 from sscxr.reports import write_report
+from sscxr.synthetic import SynthConfig, generate_cohort
 
 LABEL_MAP = {"healthy": 0, "pneumonia": 1, "covid-19": 2}
 

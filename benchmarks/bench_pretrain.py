@@ -31,10 +31,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from sscxr.config import PretrainConfig, load_config
 from sscxr.data.cache import ImageCache, prepare
 from sscxr.data.datasets import GMMLDataset
-from sscxr.data.synth import SynthConfig, generate_cohort
 from sscxr.engine.distributed import DistInfo, resolve_amp, resolve_device, to_device
 from sscxr.engine.trainer import fit
 from sscxr.models.vit import build_vit
+from sscxr.synthetic import SynthConfig, generate_cohort
 from sscxr.tasks.gmml import resolve_augment_on
 from sscxr.tasks.methods import pretrain_method
 

@@ -20,11 +20,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sscxr.data.corruption import CorruptionConfig
 from sscxr.data.transforms import AugmentConfig
 from sscxr.engine.config import OptimConfig, TrainConfig
 from sscxr.errors import ConfigError
 from sscxr.models.vit import ViTConfig
+from sscxr.tasks.gmml import GMMLConfig
 from sscxr.tasks.mae import MAEConfig
 
 T = TypeVar("T")
@@ -80,27 +80,6 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # A patient in two splits (or a held-out site in training) is refused; true = warn and go on.
     allow_leakage: bool = False
-
-
-@dataclass
-class GMMLConfig:
-    """GMML-specific settings (`../shared/GMML.md`)."""
-
-    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
-    recon_blocks: list[int] | None = None  # 1-based; None = (6, 8, 10, 12) for depth 12, evenly spaced else
-    decoder_hidden: int = 2048
-    decoder_bottleneck: int = 256
-    # Only images from these splits are used for pre-training (GMML needs no labels, but images of
-    # the test sets must never be seen, or the test results would be optimistic).
-    splits: list[str] = field(default_factory=lambda: ["train", "val"])
-    n_vis: int = 8  # images in the per-epoch reconstruction grid
-    # Keep an encoder export every N epochs in `snapshots/epoch_NNN` (0 = only the final one), so
-    # frozen-feature quality can be measured against pre-training time (`sscxr probe` on each).
-    snapshot_every: int = 0
-    # Where the drawn augmentation and corruption are applied: "loader" (in the DataLoader workers,
-    # per sample), "step" (in the training step on the training device, batched; the loader then
-    # ships uint16 pixels and the draws) or "auto" (docs/design.md says which, and why).
-    augment_on: str = "auto"
 
 
 @dataclass

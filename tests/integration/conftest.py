@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sscxr.data.cache import prepare
-from sscxr.data.synth import SynthConfig, generate_cohort
+from sscxr.synthetic import SynthConfig, generate_cohort
 
 # A ViT small enough for CPU tests (STYLE.md's tiny model) on 32 px images.
 TINY_OVERRIDES = [

@@ -12,11 +12,11 @@ import yaml
 
 from sscxr.cli.classify_cmds import register, run_finetune
 from sscxr.data.cache import prepare
-from sscxr.data.synth import SynthConfig, generate_cohort
 from sscxr.engine.logging import read_metrics
 from sscxr.models.classifier import load_classifier
 from sscxr.models.loading import Normalization, export_encoder
 from sscxr.models.vit import ViTConfig, build_vit
+from sscxr.synthetic import SynthConfig, generate_cohort
 
 TINY = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, drop_path_rate=0.0)
 TINY_MODEL = [

@@ -190,4 +190,11 @@ def test_two_processes_equal_one(
     two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")["model"]
     assert one.keys() == two.keys()
     for name, value in one.items():
-        torch.testing.assert_close(two[name], value, atol=2e-5, rtol=1e-4, msg=name)
+        a, b = two[name], value
+        if name.endswith("attn.qkv.bias"):
+            # The key bias adds q . b_k to every logit of a query, which softmax ignores: its gradient
+            # is 0 up to rounding, and AdamW turns that rounding (which depends on the reduction order,
+            # so on the process count and the CPU's kernels) into steps of about lr. Compare q and v.
+            d = a.shape[0] // 3
+            a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)

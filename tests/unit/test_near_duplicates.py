@@ -17,8 +17,8 @@ from torch import nn
 import sscxr.data.near_duplicates as nd
 from sscxr.cli import main
 from sscxr.data.cache import ImageCache, prepare
-from sscxr.data.synth import SynthConfig, plan_cohort, render_job
 from sscxr.errors import DataError
+from sscxr.synthetic import SynthConfig, plan_cohort, render_job
 
 SIZE = 64  # cache side: enough detail for phantoms of different patients to stay apart
 SPLITS = ["train", "train", "train", "train", "val", "val", "test", "test"]

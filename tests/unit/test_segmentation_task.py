@@ -15,7 +15,6 @@ import torch
 
 from sscxr.config import PretrainConfig, load_config
 from sscxr.data.cache import prepare
-from sscxr.data.synth import SynthConfig, generate_cohort
 from sscxr.engine.checkpoint import load_checkpoint
 from sscxr.engine.trainer import fit
 from sscxr.errors import ConfigError, DataError
@@ -35,6 +34,7 @@ from sscxr.models.loading import Normalization, export_encoder
 from sscxr.models.unetr import Segmenter, SegmenterSpec, build_unetr
 from sscxr.models.vit import ViTConfig, build_vit
 from sscxr.reports.segmentation import fmt_summary, paper_table, per_image_csv
+from sscxr.synthetic import SynthConfig, generate_cohort
 from sscxr.tasks.segmentation import SegmentConfig, _dice_iou, build_segmentation
 
 # A tiny ViT at 64 px (patch 8: 3 decoder levels) and a narrow decoder: trains in seconds on a CPU.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from sscxr.errors import DataError
+from sscxr.metrics import MetricSpec, register_metric, unregister_metric
 from sscxr.study.aggregate import Predictions, compare_rows, read_predictions
+
+TOY = "toy_youden"
 
 
 def _preds(scores: np.ndarray, y: np.ndarray, patients: np.ndarray | None = None) -> Predictions:
@@ -44,6 +48,41 @@ def test_point_estimate_is_mean_over_draws_of_sklearn_auc(data) -> None:
     p0 = draws[0]
     sens0 = ((p0.pred == 1) & (y == 1)).sum() / (y == 1).sum()
     assert c.rows["a"].metrics["sensitivity"].per_draw[0] == pytest.approx(sens0)
+
+
+def _youden(tp: int, fp: int, tn: int, fn: int) -> float | None:
+    """Youden's J = sensitivity + specificity - 1 of a class against the rest (None without both)."""
+    return tp / (tp + fn) + tn / (tn + fp) - 1 if tp + fn and tn + fp else None
+
+
+@pytest.fixture
+def toy_metric() -> Iterator[MetricSpec]:
+    """A metric registered in the one table for one test, removed afterwards."""
+    spec = register_metric(MetricSpec(TOY, "J", "threshold", _youden, True, "Youden's J", column=False))
+    try:
+        yield spec
+    finally:
+        unregister_metric(TOY)
+
+
+def test_a_registered_metric_is_aggregated_with_no_other_edit(data, toy_metric: MetricSpec) -> None:
+    y, rng = data
+    ref = {s: _preds(np.clip(y * 0.2 + rng.random(y.size) * 0.8, 0, 1), y) for s in range(3)}
+    draws = {s: _preds(np.clip(y * 0.35 + rng.random(y.size) * 0.65, 0, 1), y) for s in range(3)}
+    c = compare_rows({"ref": ref, "a": draws}, references=["ref"], n_boot=100)
+    # By hand, at the stored predictions of each draw (binary: the positive class's J).
+    hand = [
+        ((p.pred == 1) & (y == 1)).sum() / (y == 1).sum()
+        + ((p.pred == 0) & (y == 0)).sum() / (y == 0).sum()
+        - 1
+        for p in draws.values()
+    ]
+    est = c.rows["a"].metrics[TOY]
+    assert est.per_draw == pytest.approx(hand, abs=1e-12)
+    assert est.mean == pytest.approx(np.mean(hand), abs=1e-12)
+    assert est.low < est.mean < est.high
+    d = c.diffs["a"]["ref"][TOY]
+    assert d.mean == pytest.approx(est.mean - c.rows["ref"].metrics[TOY].mean) and d.low > 0
 
 
 def test_interval_includes_the_spread_between_draws(data) -> None:

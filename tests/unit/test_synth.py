@@ -10,25 +10,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sscxr.data.phantom import (
+from sscxr.errors import ConfigError
+from sscxr.synthetic import (
     LABELS,
-    Pathology,
-    pathology_map,
-    render_anatomy,
-    sample_anatomy,
-    sample_pathology,
-)
-from sscxr.data.synth import (
     PEDIATRIC_SITE,
+    Pathology,
     SynthConfig,
     generate_cohort,
+    pathology_map,
     plan_cohort,
     read_png,
+    render_anatomy,
     render_job,
     render_phantom,
+    sample_anatomy,
+    sample_pathology,
     site_style,
 )
-from sscxr.errors import ConfigError
 from sscxr.viz.contact_sheet import cohort_contact_sheet
 
 SMALL = SynthConfig(n_adult=20, n_pediatric=6, size=64, seed=3)

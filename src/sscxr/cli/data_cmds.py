@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from sscxr.data.synth import SynthConfig, generate_cohort
     from sscxr.errors import ConfigError
+    from sscxr.synthetic import SynthConfig, generate_cohort
     from sscxr.viz.contact_sheet import cohort_contact_sheet
 
     try:

@@ -355,6 +355,22 @@ class MetricSpec:
         """The report's "n" of this class-scope metric on one class row."""
         return DENOMINATORS[self.denominator](row.tp, row.fp, row.tn, row.fn)
 
+    def of_result(
+        self, result: ClassificationResult, y_true: np.ndarray, scores: np.ndarray, n_bins: int = 15
+    ) -> MetricValue:
+        """One value of this metric for a whole ClassificationResult (what a study aggregates).
+
+        An overall metric is `overall`; a class-scope one is summarised as the macro AUCs are: for a
+        binary task the positive class's (class 1), else the mean over the classes, undefined if any
+        class's is.
+        """
+        if self.scope == "overall":
+            return self.overall(result, y_true, scores, n_bins)
+        values = [row.values[self.key] for row in result.rows]
+        if len(values) == 2:
+            return values[1]
+        return _macro(values, result.class_names, self.label)
+
 
 class MetricTable:
     """The classification metrics in report order; built-ins plus those added by `register`.
@@ -570,6 +586,7 @@ def classification_metrics(
     class_names: Sequence[str],
     threshold: float | None = None,
     fast_auc: bool = False,
+    y_pred: np.ndarray | None = None,
 ) -> ClassificationResult:
     """Per-class one-vs-rest rates and AUCs, accuracy, balanced accuracy, macro AUCs, confusion matrix.
 
@@ -580,6 +597,8 @@ def classification_metrics(
         threshold: binary tasks only: predict class 1 when ``scores[:, 1] >= threshold``; None = arg-max.
         fast_auc: compute the AUCs with this module's rank-based implementations (for bootstrap
             resamples, where scikit-learn's per-call validation dominates) instead of scikit-learn.
+        y_pred: (N,) predicted classes fixed elsewhere (a predictions file, at the threshold frozen
+            when it was written); None = ``predict(scores, threshold)``.
     Returns:
         ClassificationResult. For C = 2 the macro AUCs are those of class 1 (the positive class), as in
         sklearn's binary ``roc_auc_score``; for C > 2 they are the mean of the one-vs-rest AUCs and are
@@ -591,7 +610,13 @@ def classification_metrics(
     y, s = _clean(y_true, scores, len(names))
     if s.ndim != 2 or s.shape[1] != len(names):
         raise ValueError(f"scores must be (N, {len(names)}) for classes {names}, got {s.shape}")
-    cm = confusion(y, predict(s, threshold), len(names))
+    if y_pred is None:
+        pred = predict(s, threshold)
+    elif np.shape(y_pred) != (n_all,):
+        raise ValueError(f"y_pred must be (N,) = ({n_all},) like y_true, got {np.shape(y_pred)}")
+    else:
+        pred = np.asarray(y_pred)[known_mask(y_true)]
+    cm = confusion(y, pred, len(names))
     rows = tuple(_class_row(n, k, cm, y, s, fast_auc) for k, n in enumerate(names))
     recalls = [r.sensitivity.value for r in rows if r.support > 0]
     bal = defined(float(np.mean(recalls))) if recalls else undefined("no samples")

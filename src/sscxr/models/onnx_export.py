@@ -108,7 +108,7 @@ def _parity_images(
         files = [src for src, _ in collect_inputs(inputs)]
         framed = torch.stack([frame_image(read_xray(f).image, meta) for f in files])
         return framed, f"{len(files)} given images"
-    from sscxr.data.synth import SynthConfig, plan_cohort, render_job
+    from sscxr.synthetic import SynthConfig, plan_cohort, render_job
 
     cfg = SynthConfig(n_adult=4, n_pediatric=0, size=size, seed=0)
     images = [render_job(cfg, job).image for job in plan_cohort(cfg)[:4]]

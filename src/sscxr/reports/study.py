@@ -27,7 +27,7 @@ from sscxr.reports.document import Block, Code, Figure, Heading, Items, Text, to
 from sscxr.reports.html import to_html
 from sscxr.reports.plots import figure_png
 from sscxr.reports.tables import NOT_RUN, Table, paper_columns
-from sscxr.study.aggregate import METRICS, Estimate
+from sscxr.study.aggregate import Estimate, study_metrics
 from sscxr.study.results import Cell, StudyResults, resolve_references, row_kind
 from sscxr.study.spec import StudySpec
 from sscxr.utils import atomic_write_bytes, atomic_write_text
@@ -41,9 +41,10 @@ _COMPLEMENTS = {"fpr": "specificity", "fnr": "sensitivity"}
 
 def _paper_columns() -> list[tuple[str, str]]:
     """(label, metric) of the paper-shaped tables: the evaluation report's paper columns (one table,
-    `sscxr.metrics.CLASSIFICATION_METRICS`) that the study aggregates (`sscxr.study.aggregate.METRICS`)
+    `sscxr.metrics.CLASSIFICATION_METRICS`) that the study aggregates (`sscxr.study.aggregate.study_metrics`)
     or derives; a metric the study does not aggregate has no column here."""
-    return [(c.label, c.key) for c in paper_columns() if c.key in METRICS or c.key in _COMPLEMENTS]
+    aggregated = study_metrics()
+    return [(c.label, c.key) for c in paper_columns() if c.key in aggregated or c.key in _COMPLEMENTS]
 
 
 @dataclass(frozen=True)

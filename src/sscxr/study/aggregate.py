@@ -13,29 +13,34 @@ so the difference between two rows is paired: what varies between the rows is on
 
 Why not the patient bootstrap of one run: at 1% labels the spread between draws is several times
 the test-set sampling error, and an interval that ignores it claims a precision no rerun would show.
+
+The metrics are those of the one table, `sscxr.metrics.CLASSIFICATION_METRICS`: a study aggregates its
+reported entries (`study_metrics`), so a metric added with `register_metric` is aggregated, written
+and reported by studies with no other edit.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sscxr.errors import DataError
-from sscxr.metrics import auc_roc, average_precision, resample_indices
+from sscxr.metrics import CLASSIFICATION_METRICS, classification_metrics, resample_indices
 
 __all__ = [
-    "METRICS",
     "Comparison",
     "Estimate",
     "Predictions",
     "RowResult",
     "compare_rows",
+    "metric_values",
     "read_predictions",
+    "study_metrics",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,37 +92,31 @@ def read_predictions(path: str | Path) -> Predictions:
 
 
 # ------------------------------------------------------------------------------------------ metrics
-def _auc(p: Predictions, idx: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], object]) -> float:
-    """Binary: of the positive class (1); multi-class: macro one-vs-rest. NaN when undefined."""
-    y, s = p.y[idx], p.probs[idx]
-    classes = [1] if s.shape[1] == 2 else range(s.shape[1])
-    vals = [fn(y == c, s[:, c]).value for c in classes]  # type: ignore[attr-defined]
-    return float(np.mean(vals)) if all(v is not None for v in vals) else float("nan")
+def study_metrics() -> tuple[str, ...]:
+    """The metrics a study aggregates: the reported entries of `CLASSIFICATION_METRICS` (those the
+    evaluation bootstraps), in report order. Read at call time, so registered metrics are included."""
+    return tuple(s.key for s in CLASSIFICATION_METRICS.select(reported=True))
 
 
-def _rate(p: Predictions, idx: np.ndarray, positive: bool, of_positive: bool) -> float:
-    """Binary rates of class 1 (sensitivity: positives called positive; specificity: negatives called
-    negative); macro over classes for multi-class. NaN when the denominator is 0."""
-    y, pred = p.y[idx], p.pred[idx]
-    classes = [1] if p.probs.shape[1] == 2 else range(p.probs.shape[1])
-    vals = []
-    for c in classes:
-        truth = (y == c) if of_positive else (y != c)
-        if not truth.any():
-            return float("nan")
-        called = (pred == c) if positive else (pred != c)
-        vals.append(float((called & truth).sum() / truth.sum()))
-    return float(np.mean(vals))
+def metric_values(p: Predictions, idx: np.ndarray, metrics: Sequence[str]) -> dict[str, float]:
+    """The table's metrics of the predictions `p` on the images `idx` (resample indices): one
+    `MetricSpec.of_result` each (class-scope ones: binary, the positive class's; else the mean over
+    the classes), NaN where undefined.
 
-
-#: name -> f(predictions, resample indices) -> value (NaN when undefined on that resample).
-METRICS: dict[str, Callable[[Predictions, np.ndarray], float]] = {
-    "auc_roc": lambda p, i: _auc(p, i, auc_roc),
-    "auc_pr": lambda p, i: _auc(p, i, average_precision),
-    "sensitivity": lambda p, i: _rate(p, i, positive=True, of_positive=True),
-    "specificity": lambda p, i: _rate(p, i, positive=False, of_positive=False),
-    "accuracy": lambda p, i: float((p.y[i] == p.pred[i]).mean()) if i.size else float("nan"),
-}
+    The predicted classes are the file's own (at the threshold frozen on validation). The AUCs are the
+    table's fast implementations on the whole test set too (equal to scikit-learn's to 1e-12): the
+    point estimate and every resample then come from one implementation, as in earlier studies.
+    """
+    specs = [CLASSIFICATION_METRICS[m] for m in metrics]
+    if idx.size == 0:
+        return {s.key: float("nan") for s in specs}
+    y, scores = p.y[idx], p.probs[idx]
+    result = classification_metrics(y, scores, p.class_names, fast_auc=True, y_pred=p.pred[idx])
+    out: dict[str, float] = {}
+    for s in specs:
+        v = s.of_result(result, y, scores).value
+        out[s.key] = float("nan") if v is None else float(v)
+    return out
 
 
 @dataclass(frozen=True)
@@ -203,7 +202,7 @@ def _check_same_images(preds: Mapping[str, Mapping[int, Predictions]]) -> Predic
 def compare_rows(
     preds: Mapping[str, Mapping[int, Predictions]],
     references: Sequence[str] = (),
-    metrics: Sequence[str] = tuple(METRICS),
+    metrics: Sequence[str] | None = None,
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
@@ -214,7 +213,7 @@ def compare_rows(
         preds: row -> seed -> predictions on one test set. Only the seeds every row has are used (a row
             still running, or a fraction with fewer draws, must not be compared on other draws).
         references: rows to compare every other row with (those absent are skipped).
-        metrics: names from `METRICS`.
+        metrics: keys of `CLASSIFICATION_METRICS`; None = `study_metrics()`.
         n_boot: resamples.
         alpha: 1 - coverage of the intervals.
         seed: seed of the resampling (the only randomness).
@@ -224,6 +223,7 @@ def compare_rows(
     """
     if not preds:
         raise ValueError("compare_rows needs at least one row")
+    metrics = study_metrics() if metrics is None else tuple(metrics)
     common = sorted(set.intersection(*(set(by_seed) for by_seed in preds.values())))
     if not common:
         raise DataError(f"the rows {sorted(preds)} share no seed: nothing can be compared")
@@ -243,10 +243,12 @@ def compare_rows(
     per_draw: dict[str, dict[str, np.ndarray]] = {r: {} for r in rows}
     boot_draw: dict[str, dict[str, np.ndarray]] = {r: {} for r in rows}
     for r in rows:
+        # Every metric of one (draw, resample) comes from one ClassificationResult.
+        whole = [metric_values(preds[r][k], everything, metrics) for k in common]
+        boot = [[metric_values(preds[r][k], idx, metrics) for k in common] for idx in patient_draws]
         for m in metrics:
-            fn = METRICS[m]
-            per_draw[r][m] = np.array([fn(preds[r][k], everything) for k in common])
-            boot_draw[r][m] = np.array([[fn(preds[r][k], idx) for k in common] for idx in patient_draws])
+            per_draw[r][m] = np.array([v[m] for v in whole])
+            boot_draw[r][m] = np.array([[v[m] for v in draws] for draws in boot])
     picks = np.arange(n_boot)[:, None]
 
     def boot_mean(r: str, m: str) -> np.ndarray:

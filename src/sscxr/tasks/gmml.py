@@ -10,6 +10,7 @@ which is what keeps a GPU busy. The task then runs the model and the masked L1 l
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from sscxr.data.corruption import CorruptionConfig
 from sscxr.data.datasets import GMML_HOST_KEYS, GMMLDataset, GMMLViews
 from sscxr.errors import ConfigError
 from sscxr.models.gmml import GMMLModel, default_recon_blocks, masked_l1_loss
@@ -25,10 +27,32 @@ from sscxr.models.vit import ViTConfig, build_vit
 from sscxr.tasks.base import Batch, StepOutput, reduce_sum_async
 from sscxr.tasks.common import open_cache
 from sscxr.tasks.pretraining import PretrainingTask, pretraining_rows
-from sscxr.viz.recon import reconstruction_grid
 
 if TYPE_CHECKING:
     from sscxr.config import PretrainConfig
+
+__all__ = ["GMMLConfig", "GMMLTask", "build_pretraining", "resolve_augment_on"]
+
+
+@dataclass
+class GMMLConfig:
+    """GMML-specific settings (the `gmml:` section of a pre-training config; `../shared/GMML.md`)."""
+
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    recon_blocks: list[int] | None = None  # 1-based; None = (6, 8, 10, 12) for depth 12, evenly spaced else
+    decoder_hidden: int = 2048
+    decoder_bottleneck: int = 256
+    # Only images from these splits are used for pre-training (GMML needs no labels, but images of
+    # the test sets must never be seen, or the test results would be optimistic).
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    n_vis: int = 8  # images in the per-epoch reconstruction grid
+    # Keep an encoder export every N epochs in `snapshots/epoch_NNN` (0 = only the final one), so
+    # frozen-feature quality can be measured against pre-training time (`sscxr probe` on each).
+    snapshot_every: int = 0
+    # Where the drawn augmentation and corruption are applied: "loader" (in the DataLoader workers,
+    # per sample), "step" (in the training step on the training device, batched; the loader then
+    # ships uint16 pixels and the draws) or "auto" (docs/design.md says which, and why).
+    augment_on: str = "auto"
 
 
 def _world_size() -> int:
@@ -102,6 +126,10 @@ class GMMLTask(PretrainingTask):
     def write_picture(self, run_dir: Path, epoch: int) -> None:
         if self.vis_batch is None:
             return
+        # Imported here: `sscxr.config` imports `GMMLConfig` from this module, and matplotlib (0.6 s)
+        # is only needed for the picture.
+        from sscxr.viz.recon import reconstruction_grid
+
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device

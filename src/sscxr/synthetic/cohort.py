@@ -3,8 +3,8 @@
 No real data set can ship, so this is the project's default data. Anatomy and disease are drawn in
 `phantom.py` and each site's acquisition (exposure, tone curve, noise, blur, collimation, burned-in
 markers) is simulated in `acquisition.py`; this module renders phantoms through it, plans the cohort
-(sites, classes, patients, follow-ups, splits) and writes it in parallel. The acquisition names
-(`SiteStyle`, `SITE_STYLES`, `site_style`, `acquire`, `PEDIATRIC_SITE`) are re-exported here.
+(sites, classes, patients, follow-ups, splits) and writes it in parallel. The package (`sscxr.synthetic`)
+re-exports the names callers use from all three modules.
 
 Determinism: the plan is a pure function of the config; image i uses `derive_seed(seed, 2, i)` and its
 patient p `derive_seed(seed, 1, p)` (anatomy) and `derive_seed(seed, 3, p)` (lesion geometry), so
@@ -38,9 +38,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from sscxr.data.acquisition import PEDIATRIC_SITE, SiteStyle, acquire, site_style
-from sscxr.data.acquisition import SITE_STYLES as SITE_STYLES  # re-exported for importers of sscxr.data.synth
-from sscxr.data.phantom import (
+from sscxr.errors import ConfigError
+from sscxr.synthetic.acquisition import PEDIATRIC_SITE, SiteStyle, acquire, site_style
+from sscxr.synthetic.phantom import (
     LABELS,
     Anatomy,
     Pathology,
@@ -50,7 +50,6 @@ from sscxr.data.phantom import (
     sample_anatomy,
     sample_pathology,
 )
-from sscxr.errors import ConfigError
 from sscxr.utils import atomic_write_json, atomic_write_text, derive_seed
 
 logger = logging.getLogger(__name__)

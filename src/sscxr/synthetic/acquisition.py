@@ -3,7 +3,7 @@
 `SiteStyle` describes one site's exposure, tone curve, window, noise, blur, sharpening, collimation and
 burned-in markers; `SITE_STYLES` holds the presets and `site_style` derives a style for any other site
 name. `acquire` turns a phantom's attenuation map into that site's processed radiograph. The synthetic
-cohort (`synth.py`) uses these so that sites differ the way real scanners do.
+cohort (`cohort.py`) uses these so that sites differ the way real scanners do.
 """
 
 from __future__ import annotations
