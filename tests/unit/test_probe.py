@@ -49,14 +49,17 @@ def _cohort_rows() -> list[tuple[str, str, str]]:
     return [*rows, ("covid-19", "tec0", "test")]
 
 
-def write_cache(root: Path, flip_test: bool = False) -> Path:
-    """Noisy images whose brightness depends on the label (a signal the probes can find); the cache."""
+def write_cache(root: Path, flip_test: bool = False, test_level: float | None = None) -> Path:
+    """Noisy images whose brightness depends on the label (a signal the probes can find); the cache.
+    `test_level`: every test image at this brightness whatever its label (a shifted test site)."""
     rng = np.random.default_rng(0)
     (root / "imgs").mkdir(parents=True, exist_ok=True)
     lines = ["path,label,patient_id,site,split,mask_path"]
     flip = {"healthy": "pneumonia", "pneumonia": "healthy"}
     for k, (label, patient, split) in enumerate(_cohort_rows()):
         level = {"healthy": 0.35, "pneumonia": 0.55, "covid-19": 0.7}[label] + rng.normal(0, 0.08)
+        if test_level is not None and split == "test":
+            level = test_level + rng.normal(0, 0.02)
         img = np.clip(level + rng.normal(0, 0.1, (SIZE, SIZE)), 0, 1)
         Image.fromarray(np.round(img * 255).astype(np.uint8), mode="L").save(root / "imgs" / f"{k}.png")
         written = flip.get(label, label) if flip_test and split == "test" else label
@@ -296,6 +299,39 @@ def test_seeds_at_fraction_one_give_identical_rows(cache_dir: Path, export: Path
 
 
 # ---------------------------------------------------------------------------------------- guards etc.
+def test_a_degenerate_operating_point_on_a_test_set_is_flagged_on_its_row(
+    cache_dir: Path, export: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    # A test site far brighter than training: the brightness-reading pixel probe calls every test image
+    # pneumonia at the threshold frozen on validation (sensitivity 1, specificity 0).
+    bright = write_cache(tmp_path / "bright", test_level=0.95)
+    doc = _run(bright, export, tmp_path / "out", test_cache=bright, fractions=(1.0,), seeds=(0,))
+    pixels = next(r for r in doc["rows"] if r["name"] == "pixels 8px linear")
+    rates = {
+        m["metric"]: m["value"] for m in pixels["tests"]["held-out"]["metrics"] if m["class"] == "pneumonia"
+    }
+    assert (rates["sensitivity"], rates["specificity"]) == (1.0, 0.0)
+    assert [f["code"] for f in pixels["flags"]] == ["degenerate_operating_point"]
+    assert (
+        pixels["flags"][0]["message"].startswith("held-out: ")
+        and "every image called positive" in (pixels["flags"][0]["message"])
+    )
+    assert "degenerate_operating_point`: pixels 8px linear (fraction 1, seed 0), held-out" in (
+        (tmp_path / "out" / "report.md").read_text()
+    )
+    # Every row of an ordinary run is flagged exactly where its rates are at 0 or 1 (and not both 1).
+    plain = _run(cache_dir, export, tmp_path / "plain", fractions=(0.5, 1.0), seeds=(0, 1))
+    for row in plain["rows"]:
+        m = {
+            x["metric"]: x["value"] for x in row["tests"]["held-out"]["metrics"] if x["class"] == "pneumonia"
+        }
+        edge = {m["sensitivity"], m["specificity"]} & {0.0, 1.0} and (m["sensitivity"], m["specificity"]) != (
+            1,
+            1,
+        )
+        assert bool(row["flags"]) == bool(edge), (row["name"], m)
+
+
 def test_guards() -> None:
     y = np.array([0] * 30 + [1] * 19)
     patients = np.array([f"p{i}" for i in range(49)], dtype=object)

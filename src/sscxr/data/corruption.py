@@ -219,37 +219,6 @@ def _check_inputs(x: torch.Tensor, donors: torch.Tensor | None, align: int) -> N
         raise ValueError(f"donors must have the shape of x {tuple(x.shape)}, got {tuple(donors.shape)}")
 
 
-def corrupt(
-    x: torch.Tensor,
-    donors: torch.Tensor | None,
-    generator: torch.Generator,
-    cfg: CorruptionConfig,
-    align: int | None = None,
-) -> Corrupted:
-    """GMML corruption of a batch: per image, noise blocks or another image's blocks.
-
-    Args:
-        x: (B, 1, H, W) standardised clean images; not modified.
-        donors: (B, 1, H, W) images whose pixels fill the blocks of replace-kind images (row i serves
-            image i; the caller guarantees it is a different image). May be None when replace is off.
-        generator: the only source of randomness; its device is where draws are made.
-        cfg: corruption settings.
-        align: block grid in pixels, used when `cfg.align` is None (pass the encoder's patch size).
-
-    Returns:
-        `Corrupted(x, mask, kind)`: corrupted (B, 1, H, W), bool mask (B, 1, H, W), kind (B,) long.
-
-    Raises:
-        ValueError: bad shapes, H or W not divisible by align, or donors missing while needed.
-    """
-    eff_align = cfg.align if cfg.align is not None else align
-    if eff_align is None:
-        raise ValueError("align must be set in CorruptionConfig or passed to corrupt (the patch size)")
-    _check_inputs(x, donors, eff_align)
-    grid = (x.shape[-2] // eff_align, x.shape[-1] // eff_align)
-    return apply_corruption(x, donors, draw_corruption(generator, cfg, grid, x.shape[0]), eff_align)
-
-
 class CorruptionDraw(NamedTuple):
     """The random part of the corruption of B images, drawn where it is cheap (a loader worker, from
     each sample's generator) and applied where the pixels are (`apply_corruption`, e.g. on the GPU).
@@ -347,6 +316,37 @@ def apply_corruption(
         fill[torch.tensor(noise_rows, device=x.device)] = noise
     kind = draw.kind.to(x.device, non_blocking=True)
     return Corrupted(torch.where(mask, fill, x), mask, kind)
+
+
+def corrupt(
+    x: torch.Tensor,
+    donors: torch.Tensor | None,
+    generator: torch.Generator,
+    cfg: CorruptionConfig,
+    align: int | None = None,
+) -> Corrupted:
+    """GMML corruption of a batch: per image, noise blocks or another image's blocks.
+
+    Args:
+        x: (B, 1, H, W) standardised clean images; not modified.
+        donors: (B, 1, H, W) images whose pixels fill the blocks of replace-kind images (row i serves
+            image i; the caller guarantees it is a different image). May be None when replace is off.
+        generator: the only source of randomness; its device is where draws are made.
+        cfg: corruption settings.
+        align: block grid in pixels, used when `cfg.align` is None (pass the encoder's patch size).
+
+    Returns:
+        `Corrupted(x, mask, kind)`: corrupted (B, 1, H, W), bool mask (B, 1, H, W), kind (B,) long.
+
+    Raises:
+        ValueError: bad shapes, H or W not divisible by align, or donors missing while needed.
+    """
+    eff_align = cfg.align if cfg.align is not None else align
+    if eff_align is None:
+        raise ValueError("align must be set in CorruptionConfig or passed to corrupt (the patch size)")
+    _check_inputs(x, donors, eff_align)
+    grid = (x.shape[-2] // eff_align, x.shape[-1] // eff_align)
+    return apply_corruption(x, donors, draw_corruption(generator, cfg, grid, x.shape[0]), eff_align)
 
 
 def in_batch_donors(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,15 @@ from sscxr.data.transforms import AugmentConfig, AugmentParams, apply_augment, a
 from sscxr.errors import DataError
 from sscxr.utils import generator_for
 
-__all__ = ["GMML_HOST_KEYS", "CachedDataset", "GMMLDataset", "GMMLViews", "Sample", "cache_split_indices"]
+__all__ = [
+    "GMML_HOST_KEYS",
+    "CachedDataset",
+    "GMMLDataset",
+    "GMMLViews",
+    "Sample",
+    "cache_split_indices",
+    "finish_view",
+]
 
 Sample = dict[str, torch.Tensor]
 
@@ -49,6 +57,16 @@ def _check_indices(cache: ImageCache, indices: Sequence[int] | np.ndarray) -> np
             f"{cache.rows[bad[0]].path}); select with `cache.indices(...)`, which skips them (failures.csv)."
         )
     return idx
+
+
+def finish_view(
+    x: torch.Tensor, params: AugmentParams | None, normalize: tuple[float, float]
+) -> torch.Tensor:
+    """(B, 1, S, S) float32 in [0, 1] -> the drawn augmentation applied (when `params` is given), then
+    standardised with (mean, std). What GMML's views and MAE's samples both do to a cached image."""
+    if params is not None:
+        x, _ = apply_augment(x, params)
+    return (x - normalize[0]) / normalize[1]
 
 
 class CachedDataset(Dataset[Sample]):
@@ -288,9 +306,9 @@ class GMMLViews:
     def _clean(self, batch: Sample, prefix: str) -> torch.Tensor:
         """(B, 1, S, S) float32: cached pixels to [0, 1], the drawn augmentation, standardisation."""
         x = batch[f"{prefix}pixels"].float().div_(_MAX)  # as ImageCache.image_float
-        if f"{prefix}theta" in batch:
-            x, _ = apply_augment(x, AugmentParams(batch[f"{prefix}theta"], batch[f"{prefix}intensity"]))
-        return x.sub_(self.normalize[0]).div_(self.normalize[1])  # x is a new tensor: in place
+        drawn = f"{prefix}theta" in batch
+        params = AugmentParams(batch[f"{prefix}theta"], batch[f"{prefix}intensity"]) if drawn else None
+        return finish_view(x, params, self.normalize)
 
     @torch.no_grad()
     def __call__(self, batch: Sample) -> Sample:

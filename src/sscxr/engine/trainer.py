@@ -493,17 +493,14 @@ class _Loop:
         `_step_supports_amp_scaling`, which GradScaler uses): where it is 1 the kernel leaves the
         parameters and moments alone and the step counters are put back.
         """
-        s = self.state
         self.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
         try:
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf  # type: ignore[attr-defined]  # GradScaler removes it too
-        self.optimizer.zero_grad(set_to_none=True)
         self.meter.add(logs, weight=ok.float())
-        self._pending.append((s.step, ok))
-        s.step += 1
-        s.sample_in_epoch += self.per_step
+        self._pending.append((self.state.step, ok))
+        self._advance()
 
     def _resolve(self) -> None:
         """Read the pending skip outcomes (one host sync) and replay them in order on the host."""
@@ -516,15 +513,20 @@ class _Loop:
             self._record_outcome(step, bool(ok))
 
     def _apply_update(self, ok: bool, logs: dict[str, torch.Tensor]) -> None:
-        s = self.state
+        """One update the host decided on (`ok` already read): the scaler's step, or a skip."""
         if ok:
             self.scaler.step(self.optimizer)
         self.scaler.update()  # also after a skip: it resets the scaler's per-step bookkeeping
-        self.optimizer.zero_grad(set_to_none=True)
         self.meter.add(logs if ok else None)
-        s.step += 1
-        s.sample_in_epoch += self.per_step
-        self._record_outcome(s.step - 1, ok)
+        self._advance()
+        self._record_outcome(self.state.step - 1, ok)
+
+    def _advance(self) -> None:
+        """What every optimiser step ends with, taken or skipped: gradients cleared, the step and the
+        sampler position moved on (both are what a resume continues from)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.sample_in_epoch += self.per_step
 
     def _record_outcome(self, step: int, ok: bool) -> None:
         """Count step `step`'s outcome: warn on a skip, raise after MAX_CONSECUTIVE_NONFINITE in a row."""

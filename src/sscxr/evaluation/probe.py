@@ -46,7 +46,7 @@ from sscxr.engine.distributed import resolve_device
 from sscxr.errors import CheckpointError, ConfigError, DataError
 from sscxr.evaluation.classification import ThresholdRule, choose_threshold, evaluate_arrays
 from sscxr.evaluation.predict import SplitSpec, Targets, class_targets, open_split, write_predictions
-from sscxr.evaluation.runner import slug
+from sscxr.evaluation.runner import operating_point_flags, slug
 from sscxr.metrics import predict as predict_classes
 from sscxr.models.loading import Normalization, read_export_meta
 from sscxr.models.vit import VIT_PRESETS, ViTConfig, build_vit, vit_config_from_dict
@@ -88,7 +88,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "sscxr-probe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each row carries its operating-point flags (cells of version 1 are recomputed)
 FEATURE_KINDS = ("avg4", "avg", "cls", "grid4")
 C_GRID: tuple[float, ...] = tuple(float(c) for c in 10.0 ** np.arange(-4, 2.01, 0.5))
 KNN_KS = (1, 3, 5, 10, 20, 50)
@@ -572,13 +572,16 @@ def _run_cell(
     files = {"val": str(rel / "val.csv")}
     pred_val = predict_classes(p_val, choice.value)
     write_predictions(out / files["val"], data.cache, data.val, p_val, names, pred_val)
-    tests = {}
+    tests, flags = {}, []
     for name, (troot, t, tcache) in data.tests.items():  # the threshold is frozen from here on
         p = probe.predict_proba(bank.take(troot, t.indices))
         files[name] = str(rel / f"{slug(name)}.csv")
         write_predictions(out / files[name], tcache, t, p, names, predict_classes(p, choice.value))
         res = evaluate_arrays(t.y, p, t.patients, names, choice.value, o.n_boot, seed=o.boot_seed)
         tests[name] = _test_summary(res, names)
+        # The probe's threshold is frozen on validation as the fine-tuned rows' is, so a probe row's
+        # operating point can be degenerate on a test set as theirs can: flag it the same way.
+        flags += [{**f, "message": f"{name}: {f['message']}"} for f in operating_point_flags(res)]
     hyper = {"C": probe.C} if kind == "linear" else {"k": probe.k}
     return {
         "hyper": hyper,
@@ -586,6 +589,7 @@ def _run_cell(
         "threshold": asdict(choice),
         "tests": tests,
         "predictions": files,
+        "flags": flags,
     }
 
 
@@ -630,7 +634,7 @@ def _copy_cell(done: dict[str, Any], rel: Path, out: Path) -> dict[str, Any]:
     for name, path in done["predictions"].items():
         files[name] = str(rel / Path(path).name)
         atomic_write_text(out / files[name], (out / path).read_text())
-    return {**{k: done[k] for k in ("hyper", "val", "threshold", "tests")}, "predictions": files}
+    return {**{k: done[k] for k in ("hyper", "val", "threshold", "tests", "flags")}, "predictions": files}
 
 
 def _cell_dir(fraction: float, seed: int) -> Path:
@@ -722,10 +726,15 @@ def _do_cell(cell: _Cell, run: _Run) -> tuple[dict[str, Any], bool]:
 
 
 def _flags(rows: Sequence[dict[str, Any]], val: Targets, class_names: Sequence[str]) -> list[dict[str, str]]:
+    """The probe's own flags (validation size, below-chance rows), logged; the rows' operating-point
+    flags stay on their rows (`row["flags"]`) and are logged here too."""
     flags = [small_validation_flag(val.y, val.patients, class_names)]
     flags += [below_chance_flag(r["name"], r["fraction"], r["seed"], r["val"]["auc_roc"]) for r in rows]
     for f in (f for f in flags if f is not None):
         log.warning("%s: %s", f["code"], f["message"])
+    for r in rows:
+        for f in r.get("flags") or ():
+            log.warning("%s (fraction %g, seed %d): %s", r["name"], r["fraction"], r["seed"], f["message"])
     return [f for f in flags if f is not None]
 
 
@@ -844,8 +853,13 @@ def report_markdown(doc: Mapping[str, Any]) -> str:
         f"({doc['validation']['n_images']} images). AUC-ROC of the positive class (macro one-vs-rest for "
         "more than 2 classes): mean over seeds (min–max). Reference rows (pixels, random encoder) first.",
     ]  # fmt: skip
-    if doc["flags"]:
+    row_flags = [(r, f) for r in doc["rows"] for f in r.get("flags") or ()]
+    if doc["flags"] or row_flags:
         lines += ["", "**Flags**", "", *[f"- `{f['code']}`: {f['message']}" for f in doc["flags"]]]
+        for r, f in row_flags:
+            lines.append(
+                f"- `{f['code']}`: {r['name']} (fraction {r['fraction']:g}, seed {r['seed']}), {f['message']}"
+            )
     for fraction in doc["fractions"]:
         rows = [r for r in doc["rows"] if r["fraction"] == fraction]
         head = ["Row", "labelled images", "val AUC-ROC", *[f"{t} AUC-ROC" for t in tests], "chosen"]

@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import default_collate
 
 from sscxr.data.cache import ImageCache
-from sscxr.data.datasets import CachedDataset, Sample
-from sscxr.data.transforms import AugmentConfig, apply_augment, draw_augment_numpy
+from sscxr.data.datasets import CachedDataset, Sample, finish_view
+from sscxr.data.transforms import AugmentConfig, draw_augment_numpy
 from sscxr.errors import ConfigError
 from sscxr.models.loading import Normalization
 from sscxr.models.mae import NORM_PIX_EPS, MAEModel, num_visible, patch_mse, patchify, unpatchify
@@ -132,13 +132,12 @@ class MAEDataset(CachedDataset):
     def __getitem__(self, k: int) -> Sample:
         row = int(self.indices[k])
         rng = self.sample_rng(k)
-        image = torch.from_numpy(self.cache.image_float(row))[None]
-        if self.augment_cfg is not None:
-            params = draw_augment_numpy(rng, self.augment_cfg, self.cache.size, self.cache.size)
-            image = apply_augment(image[None], params)[0][0]
+        image = torch.from_numpy(self.cache.image_float(row))[None, None]  # (1, 1, S, S)
+        size = self.cache.size
+        params = None if self.augment_cfg is None else draw_augment_numpy(rng, self.augment_cfg, size, size)
         noise = torch.from_numpy(rng.random(self.num_patches).astype(np.float32))
         assert self.normalize is not None  # always set (the cache's statistics by default)
-        image = (image - self.normalize[0]) / self.normalize[1]
+        image = finish_view(image, params, self.normalize)[0]
         return {"image": image, "mask_noise": noise, "index": torch.tensor(row, dtype=torch.long)}
 
 
