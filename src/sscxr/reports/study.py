@@ -35,16 +35,14 @@ from sscxr.utils import atomic_write_bytes, atomic_write_text
 __all__ = ["StudyReport", "build_blocks", "write_study_report"]
 
 _KIND_ORDER = {"reference": 0, "probe": 1, "finetune": 2}
-# Rates the study derives from another of its metrics (1 - that metric) rather than aggregating them.
-_COMPLEMENTS = {"fpr": "specificity", "fnr": "sensitivity"}
 
 
 def _paper_columns() -> list[tuple[str, str]]:
     """(label, metric) of the paper-shaped tables: the evaluation report's paper columns (one table,
-    `sscxr.metrics.CLASSIFICATION_METRICS`) that the study aggregates (`sscxr.study.aggregate.study_metrics`)
-    or derives; a metric the study does not aggregate has no column here."""
+    `sscxr.metrics.CLASSIFICATION_METRICS`) that the study aggregates (`sscxr.study.aggregate.study_metrics`);
+    a metric the study does not aggregate has no column here."""
     aggregated = study_metrics()
-    return [(c.label, c.key) for c in paper_columns() if c.key in aggregated or c.key in _COMPLEMENTS]
+    return [(c.label, c.key) for c in paper_columns() if c.key in aggregated]
 
 
 @dataclass(frozen=True)
@@ -133,13 +131,7 @@ def _paper_metric(cell: Cell, row: str, metric: str) -> Estimate | None:
     c = cell.comparison
     if c is None or row not in c.rows:
         return None
-    m = c.rows[row].metrics
-    if metric in _COMPLEMENTS:
-        base = m[_COMPLEMENTS[metric]]
-        return Estimate(
-            1 - base.mean, 1 - base.high, 1 - base.low, base.sd, tuple(1 - v for v in base.per_draw)
-        )
-    return m[metric]
+    return c.rows[row].metrics[metric]
 
 
 def paper_table(cells: Sequence[Cell], results: StudyResults) -> Table:
