@@ -63,10 +63,14 @@ def finish_view(
     x: torch.Tensor, params: AugmentParams | None, normalize: tuple[float, float]
 ) -> torch.Tensor:
     """(B, 1, S, S) float32 in [0, 1] -> the drawn augmentation applied (when `params` is given), then
-    standardised with (mean, std). What GMML's views and MAE's samples both do to a cached image."""
+    standardised with (mean, std). What GMML's views and MAE's samples both do to a cached image.
+
+    Standardises in place, so no second (B, 1, S, S) buffer on the training step's hot path: `x` must
+    be a tensor the caller owns (both callers convert cached pixels into a fresh one).
+    """
     if params is not None:
         x, _ = apply_augment(x, params)
-    return (x - normalize[0]) / normalize[1]
+    return x.sub_(normalize[0]).div_(normalize[1])
 
 
 class CachedDataset(Dataset[Sample]):
