@@ -3,8 +3,9 @@
     python benchmarks/bench_gmml_pipeline.py [--cache DIR] [--size 256] [--n 256] [--batch 64] [--device cuda]
 
 For `gmml.augment_on` "loader" and "step", prints:
-- the loader's CPU cost per sample (`dataset[k]`: what each DataLoader worker spends) and the bytes a
-  sample ships from the worker to the training process;
+- the loader's CPU cost per sample (fetching and collating shuffled batches: what each DataLoader
+  worker spends), as images/s per core, and the bytes a sample ships to the training process;
+- images/s through one real persistent worker process (the shared-memory hand-over included);
 - the step's cost per batch of `GMMLViews` on each device (the work "step" moves out of the workers);
 - images/s through a DataLoader with `num_workers=0` feeding the step's views, on the CPU: the whole
   pipeline cost when loader and step share the same cores, which decides `augment_on: auto` there.
@@ -30,6 +31,7 @@ from sscxr.data.corruption import CorruptionConfig
 from sscxr.data.datasets import GMML_HOST_KEYS, GMMLDataset
 from sscxr.data.transforms import AugmentConfig
 from sscxr.engine.distributed import to_device
+from sscxr.engine.sampler import ShardedSampler, build_loader
 
 
 def _make_cache(folder: Path, n: int, size: int) -> Path:
@@ -86,11 +88,33 @@ def main() -> None:
             f"cache {cache.root} : {len(idx)} images at {cache.size} px, batch {args.batch}, "
             f"{torch.get_num_threads()} threads"
         )
+        # What one loader worker does per batch: fetch it (`fetch_batch`, in shuffled order as in
+        # training) and collate it; per sample, and as images/s of one core.
+        order = np.random.default_rng(0).permutation(len(idx))[:n].tolist()
         for name, ds in (("loader", loader_ds), ("step", step_ds)):
-            t = _median_seconds(lambda ds=ds: [ds[k] for k in range(n)], 3, lambda: None) / n
+
+            def fetch(ds: GMMLDataset = ds) -> None:
+                for s in range(0, n, args.batch):
+                    ds.fetch_batch(order[s : s + args.batch])
+
+            t = _median_seconds(fetch, 5, lambda: None) / n
             print(
-                f"augment_on={name:6s} loader CPU per sample {t * 1e3:7.3f} ms, "
-                f"ships {_nbytes(ds[0]) / 1024:7.1f} KiB"
+                f"augment_on={name:6s} loader CPU per sample {t * 1e3:7.3f} ms "
+                f"({1 / t:7.0f} images/s per core), ships {_nbytes(ds[0]) / 1024:7.1f} KiB"
+            )
+        # The same through one real worker process (shared-memory hand-over included), main process idle.
+        for name, ds in (("loader", loader_ds), ("step", step_ds)):
+            sampler = ShardedSampler(len(ds), shuffle=True, drop_last=True)
+            kw_loader = dict(workers=1, seed=0, pin_memory=False, drop_last=True, persistent=True)
+            loader = build_loader(ds, sampler, args.batch, **kw_loader)
+            rates = []
+            for _ in range(4):  # the first epoch starts the (persistent) worker: not counted
+                t0 = time.perf_counter()
+                count = sum(batch["index"].shape[0] for batch in loader)
+                rates.append(count / (time.perf_counter() - t0))
+            print(
+                f"augment_on={name:6s} one worker process: {np.median(rates[1:]):8.0f} images/s "
+                f"(median of 3 epochs after the first, {rates[0]:.0f} with the worker's start)"
             )
         raw = default_collate([step_ds[k] for k in range(args.batch)])
         for dev_name in args.device or ["cpu"]:

@@ -153,3 +153,67 @@ def test_noise_only_corruption_ships_no_donor(cache: ImageCache, tmp_path: Path)
     assert "donor_pixels" not in raw and int(raw["donor"]) == -1
     got = deferred.views(default_collate([raw]))
     torch.testing.assert_close(got["corrupted"][0], loader[3]["corrupted"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "augment, cfg",
+    [(AugmentConfig(), CorruptionConfig()), (None, CorruptionConfig(kinds=("noise",)))],
+    ids=["augmented-with-donors", "plain-noise-only"],
+)
+def test_a_batch_assembled_at_once_equals_its_samples_collated(
+    cache: ImageCache, augment: AugmentConfig | None, cfg: CorruptionConfig
+) -> None:
+    # What a loader worker fetches (`__getitems__`) must be exactly the stack of the samples it stands for,
+    # in any order: every value, dtype and key, so that the batched fetch changes nothing but the speed.
+    _, deferred = _datasets(cache, augment, cfg)
+    deferred.set_epoch(3)
+    ks = [7, 2, 9, 2, 0]
+    got = deferred.fetch_batch(ks)
+    expected = default_collate([deferred.deferred_sample(k) for k in ks])
+    assert isinstance(got, dict) and got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    assert torch.equal(got["pixels"][1, 0], torch.from_numpy(cache.image(int(deferred.indices[2]))))
+
+
+def test_the_engines_loader_ships_assembled_batches_from_worker_processes(cache: ImageCache) -> None:
+    # Through a real worker process (the pixels are gathered into shared memory there), the engine's
+    # loader fetches whole batches (`fetch_batch`): they are the dataset's own.
+    from sscxr.engine.sampler import ShardedSampler, build_loader
+
+    _, deferred = _datasets(cache, AugmentConfig())
+    sampler = ShardedSampler(len(deferred), 1, 0, shuffle=True, drop_last=True, pad=False, seed=1)
+    kw = dict(seed=0, pin_memory=False, drop_last=True)
+    batches = list(build_loader(deferred, sampler, 4, workers=1, **kw))
+    order = list(sampler)
+    assert len(batches) == 2
+    for b, batch in enumerate(batches):
+        expected = deferred.deferred_batch(order[4 * b : 4 * b + 4])
+        assert all(torch.equal(batch[key], value) for key, value in expected.items())
+    # Finished in the loader, a batch is the samples stacked, as a plain DataLoader would make it.
+    loader_ds, _ = _datasets(cache, None)
+    first = next(iter(build_loader(loader_ds, sampler, 4, workers=0, **kw)))
+    plain = default_collate([loader_ds[k] for k in order[:4]])
+    assert all(torch.equal(first[key], value) for key, value in plain.items())
+
+
+class _SharedProbe(torch.utils.data.Dataset):
+    """Reports whether a batch tensor made where the dataset runs is in shared memory."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, k: int) -> bool:
+        from sscxr.data.datasets import _worker_shared_tensor
+
+        return _worker_shared_tensor((3, 2), torch.uint16).is_shared()
+
+
+def test_batches_assembled_in_a_worker_are_made_in_shared_memory() -> None:
+    # Sending an ordinary tensor from a worker copies it into shared memory first: a second copy of
+    # every batch's pixels. Made there directly, as default_collate does, the hand-over copies nothing.
+    from torch.utils.data import DataLoader
+
+    in_worker = DataLoader(_SharedProbe(), batch_size=None, num_workers=1)
+    in_process = DataLoader(_SharedProbe(), batch_size=None, num_workers=0)
+    assert list(in_worker) == [True] and list(in_process) == [False]

@@ -10,17 +10,18 @@ ones every epoch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from sscxr.data.cache import ImageCache
 from sscxr.data.cache_format import _MAX
 from sscxr.data.corruption import CorruptionConfig, CorruptionDraw, apply_corruption, draw_corruption_numpy
-from sscxr.data.transforms import AugmentConfig, AugmentParams, apply_augment, augment, draw_augment_numpy
+from sscxr.data.transforms import AugmentConfig, AugmentParams, apply_augment, augment, draw_augment_arrays
 from sscxr.errors import DataError
 from sscxr.utils import generator_for
 
@@ -258,36 +259,80 @@ class GMMLDataset(CachedDataset):
             return -1  # no other image; only possible when the corruption uses no donors
         return j + 1 if j >= k else j  # skip k itself
 
-    def _raw(self, row: int, rng: np.random.Generator, prefix: str, sample: Sample) -> None:
-        """Put row's cached pixels and (when augmenting) its augmentation draws into `sample`."""
-        sample[f"{prefix}pixels"] = torch.from_numpy(self.cache.image(row))[None]
-        if self.augment_cfg is not None:
-            params = draw_augment_numpy(rng, self.augment_cfg, self.cache.size, self.cache.size)
-            sample[f"{prefix}theta"], sample[f"{prefix}intensity"] = params.theta[0], params.intensity[0]
+    def deferred_batch(self, ks: Sequence[int], shared: bool = False) -> Sample:
+        """Samples `ks` as one deferred batch: what `default_collate` makes of their `deferred_sample`s.
+
+        Each sample's draws come from its own generator, one sample after the other as always; only
+        the storage is shared: the draws are written into the batch's arrays and the cached pixels
+        are gathered into it in one copy, instead of a tensor per value per sample and then a stack of
+        them. `shared`: the batch is to be sent from a loader worker, so its pixels are put in shared
+        memory there (as `default_collate` allocates its batches).
+        """
+        n, size, grid = len(ks), self.cache.size, (self.cache.size // self.align,) * 2
+        augmented, donors = self.augment_cfg is not None, self.corruption_cfg.uses_donors
+        rows, donor_rows = self.indices[np.asarray(ks, dtype=np.int64)], np.full(n, -1, dtype=np.int64)
+        views = 2 if donors else 1
+        theta, intensity = np.empty((views, n, 2, 3), np.float32), np.empty((views, n, 3), np.float32)
+        cells, kind, seeds = np.empty((n, *grid), bool), np.empty(n, np.int64), np.empty(n, np.int64)
+        for i, k in enumerate(ks):
+            g = self.sample_rng(k)
+            donor_k = self.donor_position(k, g)
+            if donors:
+                donor_rows[i] = self.indices[donor_k]
+            if self.augment_cfg is not None:
+                for view in range(views):  # the image's draws, then its donor's
+                    theta[view, i], intensity[view, i] = draw_augment_arrays(g, self.augment_cfg, size, size)
+            draw = draw_corruption_numpy(g, self.corruption_cfg, grid)
+            cells[i], kind[i], seeds[i] = (t.numpy()[0] for t in (draw.cells, draw.kind, draw.noise_seed))
+        batch: Sample = {}
+        for view, (prefix, which) in enumerate((("", rows), ("donor_", donor_rows))[:views]):
+            batch[f"{prefix}pixels"] = self._gather(which, shared)
+            if augmented:
+                batch[f"{prefix}theta"] = torch.from_numpy(theta[view])
+                batch[f"{prefix}intensity"] = torch.from_numpy(intensity[view])
+        arrays = {"cells": cells, "kind": kind, "noise_seed": seeds, "index": rows.astype(np.int64)}
+        batch.update({key: torch.from_numpy(a) for key, a in arrays.items()})
+        batch["donor"] = torch.from_numpy(donor_rows)
+        return batch
+
+    def _gather(self, rows: np.ndarray, shared: bool) -> torch.Tensor:
+        """(N, 1, S, S) uint16 cached pixels of `rows`: one copy from the cache into the batch."""
+        size = self.cache.size
+        shape = (len(rows), 1, size, size)
+        out = _worker_shared_tensor(shape, torch.uint16) if shared else torch.empty(shape, dtype=torch.uint16)
+        # mode="clip": writes straight into `out` (the rows are valid; "raise" would buffer a copy).
+        np.take(self.cache.images, rows, axis=0, out=out.numpy()[:, 0], mode="clip")
+        return out
 
     def deferred_sample(self, k: int) -> Sample:
         """Sample k as cached pixels plus every random draw (what the loader ships when `deferred`)."""
-        row = int(self.indices[k])
-        g = self.sample_rng(k)
-        donor_k = self.donor_position(k, g)
-        sample: Sample = {}
-        self._raw(row, g, "", sample)
-        donor_row = -1
-        if self.corruption_cfg.uses_donors:
-            donor_row = int(self.indices[donor_k])
-            self._raw(donor_row, g, "donor_", sample)
-        grid = (self.cache.size // self.align,) * 2
-        draw = draw_corruption_numpy(g, self.corruption_cfg, grid)
-        sample.update(cells=draw.cells[0], kind=draw.kind[0], noise_seed=draw.noise_seed[0])
-        sample.update(index=torch.tensor(row), donor=torch.tensor(donor_row))
-        return sample
+        return {key: value[0] for key, value in self.deferred_batch([k]).items()}
 
     def __getitem__(self, k: int) -> Sample:
-        raw = self.deferred_sample(k)
+        raw = self.deferred_batch([k])
         if self.deferred:
-            return raw
-        batch = self.views(default_collate([raw]))
-        return {key: value[0] for key, value in batch.items()}
+            return {key: value[0] for key, value in raw.items()}
+        return {key: value[0] for key, value in self.views(raw).items()}
+
+    def fetch_batch(self, ks: Sequence[int]) -> Sample:
+        """Samples `ks`, collated: `deferred_batch` when deferred, else the finished samples stacked.
+
+        The engine's loaders fetch whole batches with it (see `sscxr.engine.sampler.build_loader`);
+        a plain DataLoader over this dataset reads `dataset[k]` and gets the same batches.
+        """
+        if self.deferred:
+            return self.deferred_batch(ks, shared=True)
+        return default_collate([self[k] for k in ks])
+
+
+def _worker_shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch to send; inside a DataLoader worker in shared memory, as
+    `default_collate` allocates its batches, so that sending it to the training process copies nothing
+    (an ordinary tensor is copied into shared memory when it is sent)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 @dataclass(frozen=True)

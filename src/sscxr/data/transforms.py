@@ -36,8 +36,10 @@ __all__ = [
     "AugmentParams",
     "apply_augment",
     "augment",
+    "augment_arrays",
     "augment_params",
     "draw_augment",
+    "draw_augment_arrays",
     "draw_augment_numpy",
     "identity_config",
 ]
@@ -99,8 +101,8 @@ def _lerp(u: float, lo: float, hi: float) -> float:
     return lo + (hi - lo) * u
 
 
-def _affine_theta(u: Sequence[float], cfg: AugmentConfig, height: int, width: int) -> torch.Tensor:
-    """The (2, 3) matrix mapping output to input coordinates in `affine_grid`'s normalised [-1, 1] space.
+def _affine_theta(u: Sequence[float], cfg: AugmentConfig, height: int, width: int) -> np.ndarray:
+    """The (2, 3) float32 matrix mapping output to input coordinates in `affine_grid`'s [-1, 1] space.
 
     Built in an isotropic frame (normalised x scaled by the aspect W/H) so that a rotation stays a rotation
     on non-square images, then converted back.
@@ -117,14 +119,13 @@ def _affine_theta(u: Sequence[float], cfg: AugmentConfig, height: int, width: in
     a = width / height  # isotropic frame: x' = a * x
     cos, sin = math.cos(angle), math.sin(angle)
     # input = D^-1 R D S out + c, with D = diag(a, 1), S = diag(flip * w, h).
-    theta = torch.tensor(
+    return np.array(
         [
             [cos * flip * w, -sin * h / a, cx],
             [sin * a * flip * w, cos * h, cy],
         ],
-        dtype=torch.float32,
+        dtype=np.float32,
     )
-    return theta
 
 
 class AugmentParams(NamedTuple):
@@ -163,18 +164,39 @@ def draw_augment_numpy(
     rng: np.random.Generator, cfg: AugmentConfig, height: int, width: int
 ) -> AugmentParams:
     """`draw_augment` from a numpy generator (`_N_DRAWS` uniforms): a loader worker's cheap draws."""
-    return augment_params(rng.random(_N_DRAWS).tolist(), cfg, height, width)
+    theta, intensity = draw_augment_arrays(rng, cfg, height, width)
+    return AugmentParams(torch.from_numpy(theta[None]), torch.from_numpy(intensity[None]))
+
+
+def draw_augment_arrays(
+    rng: np.random.Generator, cfg: AugmentConfig, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`draw_augment_numpy` as numpy arrays, theta (2, 3) and intensity (3,) float32, for a loader that
+    writes many samples' draws into one batch."""
+    return augment_arrays(rng.random(_N_DRAWS).tolist(), cfg, height, width)
 
 
 def augment_params(u: Sequence[float], cfg: AugmentConfig, height: int, width: int) -> AugmentParams:
     """The augmentation that `_N_DRAWS` uniforms in [0, 1) select (B = 1; identity when disabled)."""
+    theta, intensity = augment_arrays(u, cfg, height, width)
+    return AugmentParams(torch.from_numpy(theta[None]), torch.from_numpy(intensity[None]))
+
+
+def augment_arrays(
+    u: Sequence[float], cfg: AugmentConfig, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`augment_params` as numpy arrays: theta (2, 3) and intensity (3,) float32.
+
+    numpy builds these small arrays in a third of torch.tensor's time (a loader worker makes two per
+    sample); it is the same float32 rounding of the same doubles, so the values do not change.
+    """
     if not cfg.enabled:
-        return AugmentParams(_IDENTITY_THETA[None].clone(), _IDENTITY_INTENSITY[None].clone())
+        return _IDENTITY_THETA.numpy().copy(), _IDENTITY_INTENSITY.numpy().copy()
     gamma = _lerp(u[6], *cfg.gamma)
     contrast = _lerp(u[7], 1.0 - cfg.contrast, 1.0 + cfg.contrast)
     brightness = _lerp(u[8], -cfg.brightness, cfg.brightness)
-    intensity = torch.tensor([[gamma, contrast, brightness]], dtype=torch.float32)
-    return AugmentParams(_affine_theta(u, cfg, height, width)[None], intensity)
+    intensity = np.array([gamma, contrast, brightness], dtype=np.float32)
+    return _affine_theta(u, cfg, height, width), intensity
 
 
 def _jitter_intensity(images: torch.Tensor, intensity: torch.Tensor) -> torch.Tensor:

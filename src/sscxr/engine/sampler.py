@@ -106,6 +106,30 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class _BatchFetch(Dataset[Any]):
+    """A dataset that makes whole batches (`fetch_batch(indices)`), as a DataLoader fetches them.
+
+    A DataLoader hands each batch's indices to `__getitems__` and its result to the collate function;
+    here the first is the dataset's `fetch_batch` and the second passes the batch through.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int) -> Any:
+        return self.dataset[k]
+
+    def __getitems__(self, ks: list[int]) -> Any:
+        return self.dataset.fetch_batch(ks)
+
+
+def _assembled(batch: Any) -> Any:
+    return batch
+
+
 def build_loader(
     dataset: Dataset[Any],
     sampler: ShardedSampler,
@@ -120,10 +144,15 @@ def build_loader(
 ) -> DataLoader[Any]:
     """A DataLoader over `sampler` whose worker seeds derive from `seed` (pass the epoch and rank into it).
 
+    A dataset with a `fetch_batch(indices)` method (`GMMLDataset`) makes each batch whole, in one go,
+    unless a `collate_fn` is given; others are read sample by sample and collated.
+
     `persistent` keeps the workers between epochs (`workers` > 0): only for datasets whose `set_epoch`
     reaches workers that are already running (`shares_epoch`); otherwise workers are recreated each
     epoch so that they get the dataset as `set_epoch` left it.
     """
+    if collate_fn is None and callable(getattr(dataset, "fetch_batch", None)):
+        dataset, collate_fn = _BatchFetch(dataset), _assembled
     return DataLoader(
         dataset,
         batch_size=batch_size,
