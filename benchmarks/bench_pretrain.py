@@ -188,7 +188,7 @@ def main() -> None:
         print(
             f"device {device}, threads {torch.get_num_threads()}, amp {dtype}, "
             f"batch {args.batch}, {args.size} px, fused_attn {args.fused_attn}, loader workers {workers}, "
-            f"augment_on {resolve_augment_on(args.augment_on, device)}, compile {args.compile}"
+            f"augment_on {resolve_augment_on(args.augment_on)}, compile {args.compile}"
         )
         print(
             f"MFU against the stated peak {peak / 1e12:.3f} TFLOP/s; measured {measured / 1e12:.3f} TFLOP/s "
