@@ -70,7 +70,7 @@ def server(tmp_path: Path) -> Iterator[str]:
 
 def test_the_page_shows_the_apis_answer_for_a_dropped_file(server: str, tmp_path: Path) -> None:
     import httpx
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     xray = tmp_path / "chest.png"
     rng = np.random.default_rng(1)
@@ -86,7 +86,9 @@ def test_the_page_shows_the_apis_answer_for_a_dropped_file(server: str, tmp_path
             page = chromium.new_page()
             page.on("request", lambda r: requests.append(r.url))
             page.goto(server + "/", timeout=15_000)
-            page.wait_for_function("document.getElementById('model-info').textContent.includes('healthy')")
+            # A locator wait, not `wait_for_function` on a string: Playwright evals such strings in the
+            # page, which the page's own Content-Security-Policy (no 'unsafe-eval') rightly refuses.
+            expect(page.locator("#model-info")).to_contain_text("healthy", timeout=15_000)
 
             page.set_input_files("#file", str(xray))
             page.wait_for_selector("body[data-state=done]", timeout=15_000)
