@@ -27,7 +27,6 @@ from sscxr.metrics.classification import (
     confusion,
     curves,
     defined,
-    known_mask,
     overall_metrics,
     paper_accuracy,
     predict,
@@ -37,6 +36,7 @@ from sscxr.metrics.classification import (
     unregister_metric,
     youden_threshold,
 )
+from sscxr.metrics.labels import known_mask
 from sscxr.metrics.segmentation import (
     SEG_METRICS,
     Summary,

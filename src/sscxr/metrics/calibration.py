@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sscxr.metrics.classification import known_mask
+from sscxr.metrics.labels import known_mask
 
 
 def _confidence_and_outcome(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

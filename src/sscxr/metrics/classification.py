@@ -27,6 +27,9 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from sscxr.metrics.calibration import expected_calibration_error
+from sscxr.metrics.labels import known_mask
+
 RATE_NAMES = ("sensitivity", "specificity", "fpr", "fnr", "precision", "npv", "accuracy", "f1")
 
 
@@ -94,14 +97,6 @@ def binary_rates(tp: int, fp: int, tn: int, fn: int) -> dict[str, MetricValue]:
     rates["accuracy"] = _ratio(tp + tn, tp + fp + tn + fn, "no samples")
     order = [*RATE_NAMES, *(k for k in rates if k not in RATE_NAMES)]
     return {k: rates[k] for k in order}
-
-
-def known_mask(y_true: np.ndarray) -> np.ndarray:
-    """Boolean mask of samples with a known label (not NaN, not negative). ``y_true: (N,)``."""
-    y = np.asarray(y_true)
-    if np.issubdtype(y.dtype, np.floating):
-        return ~np.isnan(y) & (np.nan_to_num(y, nan=-1.0) >= 0)
-    return y >= 0
 
 
 def _clean(y_true: np.ndarray, scores: np.ndarray, n_classes: int | None = None) -> tuple[np.ndarray, ...]:
@@ -459,8 +454,6 @@ def _strict_mean(values: Sequence[MetricValue]) -> MetricValue:
 
 
 def _ece(result: ClassificationResult, y_true: np.ndarray, scores: np.ndarray, n_bins: int) -> MetricValue:
-    from sscxr.metrics.calibration import expected_calibration_error  # calibration imports this module
-
     return defined(expected_calibration_error(y_true, scores, n_bins))
 
 
