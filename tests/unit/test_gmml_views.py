@@ -173,6 +173,8 @@ def test_a_batch_assembled_at_once_equals_its_samples_collated(
     for key, value in expected.items():
         assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
     assert torch.equal(got["pixels"][1, 0], torch.from_numpy(cache.image(int(deferred.indices[2]))))
+    # One storage for the whole batch: sent from a worker it is one shared-memory segment, not one each.
+    assert len({value.untyped_storage().data_ptr() for value in got.values()}) == 1
 
 
 def test_the_engines_loader_ships_assembled_batches_from_worker_processes(cache: ImageCache) -> None:
@@ -203,9 +205,9 @@ class _SharedProbe(torch.utils.data.Dataset):
         return 1
 
     def __getitem__(self, k: int) -> bool:
-        from sscxr.data.datasets import _worker_shared_tensor
+        from sscxr.data.datasets import _batch_tensors
 
-        return _worker_shared_tensor((3, 2), torch.uint16).is_shared()
+        return _batch_tensors({"x": ((3, 2), torch.uint16)}, shared=True)["x"].is_shared()
 
 
 def test_batches_assembled_in_a_worker_are_made_in_shared_memory() -> None:

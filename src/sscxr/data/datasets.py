@@ -269,40 +269,49 @@ class GMMLDataset(CachedDataset):
         memory there (as `default_collate` allocates its batches).
         """
         n, size, grid = len(ks), self.cache.size, (self.cache.size // self.align,) * 2
-        augmented, donors = self.augment_cfg is not None, self.corruption_cfg.uses_donors
-        rows, donor_rows = self.indices[np.asarray(ks, dtype=np.int64)], np.full(n, -1, dtype=np.int64)
-        views = 2 if donors else 1
-        theta, intensity = np.empty((views, n, 2, 3), np.float32), np.empty((views, n, 3), np.float32)
-        cells, kind, seeds = np.empty((n, *grid), bool), np.empty(n, np.int64), np.empty(n, np.int64)
+        donors = self.corruption_cfg.uses_donors
+        views = 2 if donors else 1  # the image, then its donor
+        specs = {
+            "pixels": ((views, n, 1, size, size), torch.uint16),
+            "theta": ((views, n, 2, 3), torch.float32),
+            "intensity": ((views, n, 3), torch.float32),
+            "cells": ((n, *grid), torch.bool),
+            "kind": ((n,), torch.int64),
+            "noise_seed": ((n,), torch.int64),
+            "index": ((n,), torch.int64),
+            "donor": ((n,), torch.int64),
+        }
+        if self.augment_cfg is None:
+            del specs["theta"], specs["intensity"]
+        t = _batch_tensors(specs, shared)
+        a = {key: value.numpy() for key, value in t.items()}  # numpy views: the draws are written here
+        a["index"][:] = self.indices[np.asarray(ks, dtype=np.int64)]
+        a["donor"][:] = -1
         for i, k in enumerate(ks):
             g = self.sample_rng(k)
             donor_k = self.donor_position(k, g)
             if donors:
-                donor_rows[i] = self.indices[donor_k]
+                a["donor"][i] = self.indices[donor_k]
             if self.augment_cfg is not None:
                 for view in range(views):  # the image's draws, then its donor's
-                    theta[view, i], intensity[view, i] = draw_augment_arrays(g, self.augment_cfg, size, size)
+                    a["theta"][view, i], a["intensity"][view, i] = draw_augment_arrays(
+                        g, self.augment_cfg, size, size
+                    )
             draw = draw_corruption_numpy(g, self.corruption_cfg, grid)
-            cells[i], kind[i], seeds[i] = (t.numpy()[0] for t in (draw.cells, draw.kind, draw.noise_seed))
+            a["cells"][i], a["kind"][i], a["noise_seed"][i] = (
+                d.numpy()[0] for d in (draw.cells, draw.kind, draw.noise_seed)
+            )
+        rows = (a["index"], a["donor"])
+        for view in range(views):
+            # mode="clip": writes straight into the batch (the rows are valid; "raise" would buffer a copy).
+            np.take(self.cache.images, rows[view], axis=0, out=a["pixels"][view, :, 0], mode="clip")
         batch: Sample = {}
-        for view, (prefix, which) in enumerate((("", rows), ("donor_", donor_rows))[:views]):
-            batch[f"{prefix}pixels"] = self._gather(which, shared)
-            if augmented:
-                batch[f"{prefix}theta"] = torch.from_numpy(theta[view])
-                batch[f"{prefix}intensity"] = torch.from_numpy(intensity[view])
-        arrays = {"cells": cells, "kind": kind, "noise_seed": seeds, "index": rows.astype(np.int64)}
-        batch.update({key: torch.from_numpy(a) for key, a in arrays.items()})
-        batch["donor"] = torch.from_numpy(donor_rows)
+        for view, prefix in enumerate(("", "donor_")[:views]):
+            batch[f"{prefix}pixels"] = t["pixels"][view]
+            if self.augment_cfg is not None:
+                batch[f"{prefix}theta"], batch[f"{prefix}intensity"] = t["theta"][view], t["intensity"][view]
+        batch.update({key: t[key] for key in ("cells", "kind", "noise_seed", "index", "donor")})
         return batch
-
-    def _gather(self, rows: np.ndarray, shared: bool) -> torch.Tensor:
-        """(N, 1, S, S) uint16 cached pixels of `rows`: one copy from the cache into the batch."""
-        size = self.cache.size
-        shape = (len(rows), 1, size, size)
-        out = _worker_shared_tensor(shape, torch.uint16) if shared else torch.empty(shape, dtype=torch.uint16)
-        # mode="clip": writes straight into `out` (the rows are valid; "raise" would buffer a copy).
-        np.take(self.cache.images, rows, axis=0, out=out.numpy()[:, 0], mode="clip")
-        return out
 
     def deferred_sample(self, k: int) -> Sample:
         """Sample k as cached pixels plus every random draw (what the loader ships when `deferred`)."""
@@ -325,14 +334,29 @@ class GMMLDataset(CachedDataset):
         return default_collate([self[k] for k in ks])
 
 
-def _worker_shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor for a batch to send; inside a DataLoader worker in shared memory, as
-    `default_collate` allocates its batches, so that sending it to the training process copies nothing
-    (an ordinary tensor is copied into shared memory when it is sent)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+def _batch_tensors(
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]], shared: bool
+) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors of the given shapes and dtypes, all views of one storage.
+
+    `shared` and inside a DataLoader worker, that storage is one shared-memory segment, allocated as
+    `default_collate` allocates its batches: sending the batch to the training process then copies
+    nothing and passes one file descriptor, where a batch of separate tensors costs a new segment per
+    tensor (about 0.4 ms each, which at small images was most of a worker's time per batch).
+    """
+    align = 64  # bytes: every view starts where any dtype may start
+    sizes = {key: math.prod(shape) * dtype.itemsize for key, (shape, dtype) in specs.items()}
+    offsets, total = {}, 0
+    for key, nbytes in sizes.items():
+        offsets[key] = total
+        total += -(-nbytes // align) * align
+    in_worker = shared and get_worker_info() is not None
+    storage = torch.UntypedStorage._new_shared(total) if in_worker else torch.UntypedStorage(total)
+    base = torch.empty(0, dtype=torch.uint8).set_(storage)
+    return {
+        key: base[offsets[key] : offsets[key] + sizes[key]].view(dtype).view(shape)
+        for key, (shape, dtype) in specs.items()
+    }
 
 
 @dataclass(frozen=True)
