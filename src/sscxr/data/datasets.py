@@ -265,8 +265,8 @@ class GMMLDataset(CachedDataset):
         Each sample's draws come from its own generator, one sample after the other as always; only
         the storage is shared: the draws are written into the batch's arrays and the cached pixels
         are gathered into it in one copy, instead of a tensor per value per sample and then a stack of
-        them. `shared`: the batch is to be sent from a loader worker, so its pixels are put in shared
-        memory there (as `default_collate` allocates its batches).
+        them. Every tensor of the batch is a view of one storage (`_batch_tensors`). `shared`: the
+        batch is to be sent from a loader worker, so that storage is shared memory there.
         """
         n, size, grid = len(ks), self.cache.size, (self.cache.size // self.align,) * 2
         donors = self.corruption_cfg.uses_donors
