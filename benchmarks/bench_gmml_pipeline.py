@@ -8,7 +8,8 @@ For `gmml.augment_on` "loader" and "step", prints:
 - images/s through one real persistent worker process (the shared-memory hand-over included);
 - the step's cost per batch of `GMMLViews` on each device (the work "step" moves out of the workers);
 - images/s through a DataLoader with `num_workers=0` feeding the step's views, on the CPU: the whole
-  pipeline cost when loader and step share the same cores, which decides `augment_on: auto` there.
+  pipeline cost when loader and step share the same cores (`augment_on: auto` is "step" everywhere,
+  from whole pre-training runs measured both ways: docs/pretraining.md).
 Without `--cache`, a cache of smooth 16-bit test images is generated in a temporary folder.
 """
 

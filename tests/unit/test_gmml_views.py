@@ -162,7 +162,7 @@ def test_noise_only_corruption_ships_no_donor(cache: ImageCache, tmp_path: Path)
 def test_a_batch_assembled_at_once_equals_its_samples_collated(
     cache: ImageCache, augment: AugmentConfig | None, cfg: CorruptionConfig
 ) -> None:
-    # What a loader worker fetches (`__getitems__`) must be exactly the stack of the samples it stands for,
+    # What a loader worker fetches (`fetch_batch`) must be exactly the stack of the samples it stands for,
     # in any order: every value, dtype and key, so that the batched fetch changes nothing but the speed.
     _, deferred = _datasets(cache, augment, cfg)
     deferred.set_epoch(3)
@@ -178,7 +178,7 @@ def test_a_batch_assembled_at_once_equals_its_samples_collated(
 
 
 def test_the_engines_loader_ships_assembled_batches_from_worker_processes(cache: ImageCache) -> None:
-    # Through a real worker process (the pixels are gathered into shared memory there), the engine's
+    # Through a real worker process (the batch is assembled in shared memory there), the engine's
     # loader fetches whole batches (`fetch_batch`): they are the dataset's own.
     from sscxr.engine.sampler import ShardedSampler, build_loader
 

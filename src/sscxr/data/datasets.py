@@ -318,10 +318,9 @@ class GMMLDataset(CachedDataset):
         return {key: value[0] for key, value in self.deferred_batch([k]).items()}
 
     def __getitem__(self, k: int) -> Sample:
-        raw = self.deferred_batch([k])
         if self.deferred:
-            return {key: value[0] for key, value in raw.items()}
-        return {key: value[0] for key, value in self.views(raw).items()}
+            return self.deferred_sample(k)
+        return {key: value[0] for key, value in self.views(self.deferred_batch([k])).items()}
 
     def fetch_batch(self, ks: Sequence[int]) -> Sample:
         """Samples `ks`, collated: `deferred_batch` when deferred, else the finished samples stacked.
