@@ -4,8 +4,10 @@
 
 For `gmml.augment_on` "loader" and "step", prints:
 - the loader's CPU cost per sample (fetching and collating shuffled batches: what each DataLoader
-  worker spends), as images/s per core, and the bytes a sample ships to the training process;
-- images/s through one real persistent worker process (the shared-memory hand-over included);
+  worker spends; plus completing them in the training process: the deferred batches' pixels are
+  gathered there), as images/s per core, and the bytes a sample ships from the worker;
+- images/s through one real persistent worker process (the shared-memory hand-over included), and the
+  training process's CPU time per sample;
 - the step's cost per batch of `GMMLViews` on each device (the work "step" moves out of the workers);
 - images/s through a DataLoader with `num_workers=0` feeding the step's views, on the CPU: the whole
   pipeline cost when loader and step share the same cores (`augment_on: auto` is "step" everywhere,
@@ -32,7 +34,7 @@ from sscxr.data.corruption import CorruptionConfig
 from sscxr.data.datasets import GMML_HOST_KEYS, GMMLDataset
 from sscxr.data.transforms import AugmentConfig
 from sscxr.engine.distributed import to_device
-from sscxr.engine.sampler import ShardedSampler, build_loader
+from sscxr.engine.sampler import ShardedSampler, TensorRing, build_loader
 
 
 def _make_cache(folder: Path, n: int, size: int) -> Path:
@@ -69,6 +71,15 @@ def _nbytes(sample: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in sample.values())
 
 
+def _touch(batch: dict[str, torch.Tensor]) -> int:
+    """Read one value per 4 KiB page of the batch's images; its size."""
+    for key in ("pixels", "donor_pixels", "image", "corrupted"):
+        if key in batch:
+            flat = batch[key].reshape(-1)
+            flat[:: 4096 // flat.element_size()].sum()
+    return batch["index"].shape[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path, default=None)
@@ -90,32 +101,46 @@ def main() -> None:
             f"{torch.get_num_threads()} threads"
         )
         # What one loader worker does per batch: fetch it (`fetch_batch`, in shuffled order as in
-        # training) and collate it; per sample, and as images/s of one core.
+        # training; collating included); then what the training process adds (`complete_batch`: the
+        # deferred batches' pixels, gathered from the cache). Per sample, and as images/s of one core.
         order = np.random.default_rng(0).permutation(len(idx))[:n].tolist()
         for name, ds in (("loader", loader_ds), ("step", step_ds)):
+            fetched = [ds.fetch_batch(order[s : s + args.batch]) for s in range(0, n, args.batch)]
 
             def fetch(ds: GMMLDataset = ds) -> None:
                 for s in range(0, n, args.batch):
                     ds.fetch_batch(order[s : s + args.batch])
 
-            t = _median_seconds(fetch, 5, lambda: None) / n
+            ring = TensorRing()  # reused buffers, as the engine's loader uses on a CPU
+
+            def complete(ds: GMMLDataset = ds, fetched: list = fetched, ring: TensorRing = ring) -> None:
+                for batch in fetched:
+                    ds.complete_batch(batch, ring.empty)
+
+            worker = _median_seconds(fetch, 5, lambda: None) / n
+            main = _median_seconds(complete, 5, lambda: None) / n
             print(
-                f"augment_on={name:6s} loader CPU per sample {t * 1e3:7.3f} ms "
-                f"({1 / t:7.0f} images/s per core), ships {_nbytes(ds[0]) / 1024:7.1f} KiB"
+                f"augment_on={name:6s} CPU per sample: worker {worker * 1e3:6.3f} ms + training process "
+                f"{main * 1e3:6.3f} ms ({1 / (worker + main):6.0f} images/s per core), the worker ships "
+                f"{sum(v.nbytes for v in fetched[0].values()) / args.batch / 1024:7.2f} KiB"
             )
-        # The same through one real worker process (shared-memory hand-over included), main process idle.
+        # The same through one real worker process (shared-memory hand-over included); the training
+        # process completes the batches and reads every page of their pixels once, as the step will
+        # (a page received from a worker is mapped on that first read). Its CPU time per sample too.
         for name, ds in (("loader", loader_ds), ("step", step_ds)):
             sampler = ShardedSampler(len(ds), shuffle=True, drop_last=True)
             kw_loader = dict(workers=1, seed=0, pin_memory=False, drop_last=True, persistent=True)
             loader = build_loader(ds, sampler, args.batch, **kw_loader)
-            rates = []
+            rates, cpu = [], []
             for _ in range(4):  # the first epoch starts the (persistent) worker: not counted
-                t0 = time.perf_counter()
-                count = sum(batch["index"].shape[0] for batch in loader)
+                t0, c0 = time.perf_counter(), time.process_time()
+                count = sum(_touch(batch) for batch in loader)
                 rates.append(count / (time.perf_counter() - t0))
+                cpu.append((time.process_time() - c0) / count)
             print(
                 f"augment_on={name:6s} one worker process: {np.median(rates[1:]):8.0f} images/s "
-                f"(median of 3 epochs after the first, {rates[0]:.0f} with the worker's start)"
+                f"(median of 3 epochs after the first, {rates[0]:.0f} with the worker's start); "
+                f"training process CPU {np.median(cpu[1:]) * 1e3:.3f} ms per sample"
             )
         raw = default_collate([step_ds[k] for k in range(args.batch)])
         for dev_name in args.device or ["cpu"]:

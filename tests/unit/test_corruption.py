@@ -204,3 +204,35 @@ def test_corrupted_regions_at_the_papers_ratios_are_large_connected_groups() -> 
     scattered = torch.rand(200, 16, 16, generator=gen) < 0.35  # same density, single patches
     scattered_sizes = [np.bincount(ndimage.label(m.numpy())[0].ravel())[1:].mean() for m in scattered]
     assert np.mean(sizes) > 3 * np.mean(scattered_sizes)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CorruptionConfig(),
+        CorruptionConfig(kinds=("noise",), noise_ratio=(0.1, 0.9)),
+        # one-cell blocks at a high target: overlap often needs a second chunk of blocks
+        CorruptionConfig(kinds=("replace",), replace_ratio=0.9, max_side_frac=0.05),
+    ],
+    ids=["paper", "noise-wide", "one-cell-many-chunks"],
+)
+def test_a_batch_drawn_from_one_generator_per_image_equals_the_images_drawn_one_by_one(
+    cfg: CorruptionConfig,
+) -> None:
+    # A loader worker draws a batch's corruption at once (`draw_corruption_each`); each image's must still
+    # be what its own generator alone gives, and leave that generator where the one-image draw leaves it
+    # (the sample's later draws, and so its independence of the batch, depend on it).
+    from sscxr.data.corruption import draw_corruption_each, draw_corruption_numpy
+
+    grid = (16, 16)
+    seeds = list(range(40))
+    together = [np.random.default_rng(s) for s in seeds]
+    alone = [np.random.default_rng(s) for s in seeds]
+    got = draw_corruption_each(together, cfg, grid)
+    for i, rng in enumerate(alone):
+        one = draw_corruption_numpy(rng, cfg, grid)
+        assert torch.equal(got.cells[i], one.cells[0]), i
+        assert int(got.kind[i]) == int(one.kind[0]) and int(got.noise_seed[i]) == int(one.noise_seed[0])
+        assert together[i].integers(0, 2**62) == rng.integers(0, 2**62)
+    # the batch is not all alike (each row really comes from its own generator)
+    assert len({got.cells[i].numpy().tobytes() for i in range(len(seeds))}) == len(seeds)

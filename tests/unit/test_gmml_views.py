@@ -162,24 +162,36 @@ def test_noise_only_corruption_ships_no_donor(cache: ImageCache, tmp_path: Path)
 def test_a_batch_assembled_at_once_equals_its_samples_collated(
     cache: ImageCache, augment: AugmentConfig | None, cfg: CorruptionConfig
 ) -> None:
-    # What a loader worker fetches (`fetch_batch`) must be exactly the stack of the samples it stands for,
-    # in any order: every value, dtype and key, so that the batched fetch changes nothing but the speed.
+    # What a loader worker fetches (`fetch_batch`), completed in the training process (`complete_batch`),
+    # must be exactly the stack of the samples it stands for, in any order: every value, dtype and key,
+    # so that the batched fetch changes nothing but the speed.
     _, deferred = _datasets(cache, augment, cfg)
     deferred.set_epoch(3)
     ks = [7, 2, 9, 2, 0]
-    got = deferred.fetch_batch(ks)
+    fetched = deferred.fetch_batch(ks)
+    got = deferred.complete_batch(fetched)
     expected = default_collate([deferred.deferred_sample(k) for k in ks])
     assert isinstance(got, dict) and got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
     assert torch.equal(got["pixels"][1, 0], torch.from_numpy(cache.image(int(deferred.indices[2]))))
-    # One storage for the whole batch: sent from a worker it is one shared-memory segment, not one each.
-    assert len({value.untyped_storage().data_ptr() for value in got.values()}) == 1
+    assert torch.equal(got["pixels"][0, 0], torch.from_numpy(cache.image(int(deferred.indices[7]))))
+    if "donor_pixels" in got:
+        donor = int(got["donor"][1])
+        assert donor != int(got["index"][1])
+        assert torch.equal(got["donor_pixels"][1, 0], torch.from_numpy(cache.image(donor)))
+    # The worker ships the draws only, all in one storage (one shared-memory segment, not one each);
+    # the pixels are gathered where the cache is open, into one storage too.
+    assert not {"pixels", "donor_pixels"} & fetched.keys()
+    assert len({value.untyped_storage().data_ptr() for value in fetched.values()}) == 1
+    pixels = [got[key] for key in ("pixels", "donor_pixels") if key in got]
+    assert len({value.untyped_storage().data_ptr() for value in pixels}) == 1
+    assert sum(v.nbytes for v in fetched.values()) < 1024 * len(ks)
 
 
 def test_the_engines_loader_ships_assembled_batches_from_worker_processes(cache: ImageCache) -> None:
-    # Through a real worker process (the batch is assembled in shared memory there), the engine's
-    # loader fetches whole batches (`fetch_batch`): they are the dataset's own.
+    # Through a real worker process (the draws are assembled in shared memory there, the pixels added in
+    # this process), the engine's loader fetches whole batches (`fetch_batch`): they are the dataset's own.
     from sscxr.engine.sampler import ShardedSampler, build_loader
 
     _, deferred = _datasets(cache, AugmentConfig())
@@ -218,3 +230,31 @@ def test_batches_assembled_in_a_worker_are_made_in_shared_memory() -> None:
     in_worker = DataLoader(_SharedProbe(), batch_size=None, num_workers=1)
     in_process = DataLoader(_SharedProbe(), batch_size=None, num_workers=0)
     assert list(in_worker) == [True] and list(in_process) == [False]
+
+
+def test_the_tensor_ring_reuses_a_buffer_only_when_nothing_else_uses_it() -> None:
+    # The training process gathers each batch's pixels into a reused buffer (fresh memory costs a page
+    # fault per page); a buffer still referenced anywhere must never be handed out and overwritten.
+    from sscxr.engine.sampler import TensorRing
+
+    ring = TensorRing(slots=2)
+    shape = (2, 3, 1, 4, 4)
+
+    def fill(value: int) -> torch.Tensor:
+        t = ring.empty(shape, torch.uint16)
+        t.fill_(value)
+        return t
+
+    ptr = fill(1).data_ptr()
+    assert fill(2).data_ptr() == ptr  # dropped: its memory comes back
+    held = {
+        "view": fill(3)[1],
+        "numpy": fill(4)[0, 0].numpy(),
+        "dtype view": fill(5).view(torch.int16),
+        "list": [fill(6)],
+    }
+    for value in range(7, 12):  # more batches than slots while all of the above are held
+        assert fill(value).eq(value).all()
+    assert held["view"].eq(3).all() and (held["numpy"] == 4).all()
+    assert held["dtype view"].eq(5).all() and held["list"][0].eq(6).all()
+    assert len(ring._held) <= 2

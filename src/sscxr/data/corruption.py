@@ -10,7 +10,7 @@ pixels, which keeps it cheap and guarantees it lines up with the ViT's patches.
 from __future__ import annotations
 
 import functools
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,6 +26,7 @@ __all__ = [
     "apply_corruption",
     "corrupt",
     "draw_corruption",
+    "draw_corruption_each",
     "draw_corruption_numpy",
     "grid_mask",
     "in_batch_donors",
@@ -122,43 +123,92 @@ def _draw_targets(kind: np.ndarray, rng: np.random.Generator, cfg: CorruptionCon
     return np.where(kind == KIND_REPLACE, cfg.replace_ratio, noise_t)
 
 
-def _first_covers(
-    batch: int, k: int, grid: tuple[int, int], max_cells: tuple[int, int], rng: np.random.Generator
-) -> np.ndarray:
-    """K random blocks per image on the cell grid; per cell, the index of the first block covering it.
+def _first_covers(corners: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Per cell, the index of the first of K blocks covering it.
 
-    Top-left corners are anywhere on the grid and sides in [1, max_cells]; a block running past the
-    border is clipped, as in the reference code. All 4 x K numbers come from one draw.
+    Args:
+        corners: (B, 1, K, 4) int64 blocks per image: top row, left column, height, width in cells. A
+            block running past the border is clipped, as in the reference code; one of height or width
+            0 covers nothing (the padding of `_grid_mask_each`).
+        grid: (gh, gw) cells.
 
     Returns:
         (B, gh * gw) int64 in [0, K]; K where no block of the K covers the cell.
     """
-    gh, gw = grid
-    low, high, rows, cols = _block_bounds(gh, gw, *max_cells)
-    corners = rng.integers(low, high, (batch, 1, k, 4))
+    batch, k = corners.shape[0], corners.shape[2]
+    rows, cols = _grid_indices(*grid)
     r0, c0, h, w = corners[..., 0], corners[..., 1], corners[..., 2], corners[..., 3]  # each (B, 1, K)
     in_rows = (rows >= r0) & (rows < r0 + h)  # (B, gh, K)
     in_cols = (cols >= c0) & (cols < c0 + w)  # (B, gw, K)
-    blocks = (in_rows[:, :, None, :] & in_cols[:, None, :, :]).reshape(batch, gh * gw, k)
+    blocks = (in_rows[:, :, None, :] & in_cols[:, None, :, :]).reshape(batch, grid[0] * grid[1], k)
     first = blocks.argmax(axis=2)  # the block index is the last, contiguous axis: a fast reduction
     # argmax is 0 both where block 0 covers the cell and where no block does: tell them apart by block 0.
     return np.where((first > 0) | blocks[:, :, 0], first, k)
 
 
 @functools.lru_cache(maxsize=64)
-def _block_bounds(gh: int, gw: int, max_h: int, max_w: int) -> tuple[np.ndarray, ...]:
-    """`_first_covers`' constant arrays (read-only): the draw's low and high bounds, row and column
-    indices (gh, 1) and (gw, 1). Made once per grid: a loader worker draws one image at a time, where
-    building them per call was a tenth of the draw's time."""
-    arrays = (
-        np.array([0, 0, 1, 1]),
-        np.array([gh, gw, max_h + 1, max_w + 1]),
-        np.arange(gh)[:, None],
-        np.arange(gw)[:, None],
-    )
+def _grid_indices(gh: int, gw: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices (gh, 1) and (gw, 1), read-only: made once per grid, where building them
+    per one-image draw was a tenth of its time."""
+    arrays = (np.arange(gh)[:, None], np.arange(gw)[:, None])
     for a in arrays:
         a.flags.writeable = False
     return arrays
+
+
+@functools.lru_cache(maxsize=64)
+def _corner_bounds(gh: int, gw: int, max_h: int, max_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Low and high bounds (read-only) of the draw of (top, left, height, width): corners anywhere on
+    the grid, sides in [1, max]."""
+    arrays = (np.array([0, 0, 1, 1]), np.array([gh, gw, max_h + 1, max_w + 1]))
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
+
+
+def _max_cells(grid: tuple[int, int], max_side_frac: float) -> tuple[int, int]:
+    """Longest block sides in cells (at least one)."""
+    return max(1, int(max_side_frac * grid[0])), max(1, int(max_side_frac * grid[1]))
+
+
+def _blocks_per_chunk(target_cells: np.ndarray, max_cells: tuple[int, int]) -> np.ndarray:
+    """(B,) blocks drawn at once for targets of `target_cells`: enough that one chunk almost always
+    suffices, three times the blocks needed without overlap (overlap and border clipping waste much of
+    each block)."""
+    mean_area = (1 + max_cells[0]) / 2 * (1 + max_cells[1]) / 2
+    k = np.ceil(3.0 * target_cells.astype(np.float64) / mean_area) + 4
+    return np.minimum(k, 4096).astype(np.int64)
+
+
+def _add_blocks(
+    corners: np.ndarray, union: np.ndarray, target_cells: np.ndarray, grid: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Add blocks to each image's union in order, up to the first that brings it to its target.
+
+    The cells covered after block j are those whose first block is <= j (-1: already in the union), so
+    one cumulative histogram gives the covered count after every block at once, without building the
+    union block by block.
+
+    Args:
+        corners: (B, 1, K, 4) blocks (see `_first_covers`).
+        union: (B, gh * gw) bool, the cells covered so far.
+        target_cells: (B,) float32 cells to cover.
+        grid: (gh, gw).
+
+    Returns:
+        The new (B, gh * gw) union (all K blocks added where the target is not reached) and (B,) bool,
+        whether the target was reached.
+    """
+    batch, k = corners.shape[0], corners.shape[2]
+    first = _first_covers(corners, grid)
+    first[union] = -1
+    offsets = (k + 2) * np.arange(batch)[:, None]
+    histogram = np.bincount((first + 1 + offsets).ravel(), minlength=batch * (k + 2))
+    counts = histogram.reshape(batch, k + 2).cumsum(axis=1)[:, 1 : k + 1]  # (B, K): after block j
+    reached = counts >= target_cells[:, None]
+    hit = reached.any(axis=1)
+    stop = np.where(hit, reached.argmax(axis=1), k - 1)
+    return first <= stop[:, None], hit
 
 
 def _grid_mask(
@@ -166,29 +216,44 @@ def _grid_mask(
 ) -> np.ndarray:
     """`grid_mask` on numpy arrays: (B,) targets -> (B, gh, gw) bool."""
     gh, gw = grid
-    batch, cells = targets.size, gh * gw
-    max_cells = (max(1, int(max_side_frac * gh)), max(1, int(max_side_frac * gw)))
-    target_cells = targets.astype(np.float32) * np.float32(cells)
-    # Enough blocks per chunk that one chunk almost always suffices: three times the blocks needed
-    # without overlap at the largest target (overlap and border clipping waste much of each block).
-    mean_area = (1 + max_cells[0]) / 2 * (1 + max_cells[1]) / 2
-    k = min(math.ceil(3.0 * float(target_cells.max()) / mean_area) + 4, 4096)
-    # The cells covered after block j are those whose first block is <= j (-1: covered by an earlier
-    # chunk), so one cumulative histogram gives the covered count after every block at once, without
-    # building the union block by block.
-    offsets = (k + 2) * np.arange(batch)[:, None]
-    union = np.zeros((batch, cells), dtype=bool)
+    batch = targets.size
+    max_cells = _max_cells(grid, max_side_frac)
+    target_cells = targets.astype(np.float32) * np.float32(gh * gw)
+    k = int(_blocks_per_chunk(target_cells, max_cells).max())
+    low, high = _corner_bounds(gh, gw, *max_cells)
+    union = np.zeros((batch, gh * gw), dtype=bool)
     done = np.zeros(batch, dtype=bool)
     while not done.all():
-        first = _first_covers(batch, k, grid, max_cells, rng)
-        first[union] = -1
-        histogram = np.bincount((first + 1 + offsets).ravel(), minlength=batch * (k + 2))
-        counts = histogram.reshape(batch, k + 2).cumsum(axis=1)[:, 1 : k + 1]  # (B, K): after block j
-        reached = counts >= target_cells[:, None]
-        stop = np.where(reached.any(axis=1), reached.argmax(axis=1), k - 1)
-        union = np.where(done[:, None], union, first <= stop[:, None])
-        done |= reached.any(axis=1)
+        corners = rng.integers(low, high, (batch, 1, k, 4))  # all 4 x K numbers in one draw
+        new, hit = _add_blocks(corners, union, target_cells, grid)
+        union = np.where(done[:, None], union, new)
+        done |= hit
     return union.reshape(batch, gh, gw)
+
+
+def _grid_mask_each(
+    targets: np.ndarray, grid: tuple[int, int], max_side_frac: float, rngs: Sequence[np.random.Generator]
+) -> np.ndarray:
+    """`_grid_mask(targets[i:i+1], grid, max_side_frac, rngs[i])` for every i, stacked: (B, gh, gw) bool.
+
+    Generator i makes exactly the draws of that one-image call, and the union of each image is the
+    same; the geometry of all images is computed at once (blocks past an image's own chunk size are
+    zero-sized padding), which is what a loader worker assembling a batch saves over B small calls.
+    """
+    gh, gw = grid
+    max_cells = _max_cells(grid, max_side_frac)
+    target_cells = targets.astype(np.float32) * np.float32(gh * gw)
+    ks = _blocks_per_chunk(target_cells, max_cells)
+    low, high = _corner_bounds(gh, gw, *max_cells)
+    union = np.zeros((len(rngs), gh * gw), dtype=bool)
+    pending = np.arange(len(rngs))
+    while pending.size:
+        corners = np.zeros((pending.size, 1, int(ks[pending].max()), 4), dtype=np.int64)
+        for j, i in enumerate(pending.tolist()):
+            corners[j, :, : ks[i]] = rngs[i].integers(low, high, (1, 1, int(ks[i]), 4))
+        union[pending], hit = _add_blocks(corners, union[pending], target_cells[pending], grid)
+        pending = pending[~hit]
+    return union.reshape(len(rngs), gh, gw)
 
 
 def grid_mask(
@@ -274,6 +339,20 @@ def draw_corruption_numpy(
     kind = _draw_kinds(batch, rng, cfg)
     cells = _grid_mask(_draw_targets(kind, rng, cfg), grid, cfg.max_side_frac, rng)
     seeds = rng.integers(0, 2**62, batch)
+    return CorruptionDraw(torch.from_numpy(kind), torch.from_numpy(cells), torch.from_numpy(seeds))
+
+
+def draw_corruption_each(
+    rngs: Sequence[np.random.Generator], cfg: CorruptionConfig, grid: tuple[int, int]
+) -> CorruptionDraw:
+    """One image per generator: row i is `draw_corruption_numpy(rngs[i], cfg, grid)`, and generator i
+    is left where that call leaves it, so each image's corruption is still a function of its own
+    generator alone (a sample's, independent of its batch). What a loader worker uses for a batch: the
+    geometry of all images is computed at once instead of in B small calls."""
+    kind = np.concatenate([_draw_kinds(1, rng, cfg) for rng in rngs])
+    targets = np.concatenate([_draw_targets(kind[i : i + 1], rng, cfg) for i, rng in enumerate(rngs)])
+    cells = _grid_mask_each(targets, grid, cfg.max_side_frac, rngs)
+    seeds = np.concatenate([rng.integers(0, 2**62, 1) for rng in rngs])
     return CorruptionDraw(torch.from_numpy(kind), torch.from_numpy(cells), torch.from_numpy(seeds))
 
 

@@ -11,7 +11,7 @@ ones every epoch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from sscxr.data.cache import ImageCache
 from sscxr.data.cache_format import _MAX
-from sscxr.data.corruption import CorruptionConfig, CorruptionDraw, apply_corruption, draw_corruption_numpy
+from sscxr.data.corruption import CorruptionConfig, CorruptionDraw, apply_corruption, draw_corruption_each
 from sscxr.data.transforms import AugmentConfig, AugmentParams, apply_augment, augment, draw_augment_arrays
 from sscxr.errors import DataError
 from sscxr.utils import generator_for
@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 Sample = dict[str, torch.Tensor]
+# `empty(shape, dtype)`: where a batch's pixels are gathered (`torch.empty`, pinned memory, a reused buffer)
+EmptyTensor = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
 def cache_split_indices(cache: ImageCache, split: str | Sequence[str]) -> np.ndarray:
@@ -192,9 +194,10 @@ class GMMLDataset(CachedDataset):
 
     Per sample, from one numpy generator (`sample_rng`) and in this order: the donor row (uniform among
     the other rows of `indices`, never the image itself), the image's augmentation draws, the donor's
-    own, then the corruption's (`draw_corruption_numpy`: kind, target, blocks, noise seed). The donor
-    is drawn from the dataset rather than the batch so that each sample stays a pure function of
-    (seed, epoch, row), independent of batch composition.
+    own, then the corruption's (`draw_corruption_numpy`: kind, target, blocks, noise seed; a batch's
+    are made together by `draw_corruption_each`, each from its sample's generator). The donor is drawn
+    from the dataset rather than the batch so that each sample stays a pure function of (seed, epoch,
+    row), independent of batch composition.
 
     Two ways to serve the same samples (`deferred`):
     - False: each sample is finished in the loader worker (`GMMLViews` on a batch of one).
@@ -259,20 +262,26 @@ class GMMLDataset(CachedDataset):
             return -1  # no other image; only possible when the corruption uses no donors
         return j + 1 if j >= k else j  # skip k itself
 
-    def deferred_batch(self, ks: Sequence[int], shared: bool = False) -> Sample:
+    def deferred_batch(self, ks: Sequence[int]) -> Sample:
         """Samples `ks` as one deferred batch: what `default_collate` makes of their `deferred_sample`s.
 
-        Each sample's draws come from its own generator, one sample after the other as always; only
-        the storage is shared: the draws are written into the batch's arrays and the cached pixels
-        are gathered into it in one copy, instead of a tensor per value per sample and then a stack of
-        them. Every tensor of the batch is a view of one storage (`_batch_tensors`). `shared`: the
-        batch is to be sent from a loader worker, so that storage is shared memory there.
+        `deferred_draws` then `gather_pixels`: the draws are written into the batch's arrays and the
+        cached pixels gathered in one copy, instead of a tensor per value per sample and then a stack.
+        """
+        return self.gather_pixels(self.deferred_draws(ks))
+
+    def deferred_draws(self, ks: Sequence[int], shared: bool = False) -> Sample:
+        """Every random draw of samples `ks`, batched: a deferred batch without its pixels.
+
+        Each sample's draws come from its own generator, one sample after the other as always (the
+        corruption's geometry for the whole batch at once: `draw_corruption_each`). Every tensor is a
+        view of one storage (`_batch_tensors`). `shared`: the draws are to be sent from a loader
+        worker, so that storage is one shared-memory segment there.
         """
         n, size, grid = len(ks), self.cache.size, (self.cache.size // self.align,) * 2
         donors = self.corruption_cfg.uses_donors
         views = 2 if donors else 1  # the image, then its donor
         specs = {
-            "pixels": ((views, n, 1, size, size), torch.uint16),
             "theta": ((views, n, 2, 3), torch.float32),
             "intensity": ((views, n, 3), torch.float32),
             "cells": ((n, *grid), torch.bool),
@@ -287,8 +296,8 @@ class GMMLDataset(CachedDataset):
         a = {key: value.numpy() for key, value in t.items()}  # numpy views: the draws are written here
         a["index"][:] = self.indices[np.asarray(ks, dtype=np.int64)]
         a["donor"][:] = -1
-        for i, k in enumerate(ks):
-            g = self.sample_rng(k)
+        rngs = [self.sample_rng(k) for k in ks]
+        for i, (k, g) in enumerate(zip(ks, rngs, strict=True)):
             donor_k = self.donor_position(k, g)
             if donors:
                 a["donor"][i] = self.indices[donor_k]
@@ -297,24 +306,36 @@ class GMMLDataset(CachedDataset):
                     a["theta"][view, i], a["intensity"][view, i] = draw_augment_arrays(
                         g, self.augment_cfg, size, size
                     )
-            draw = draw_corruption_numpy(g, self.corruption_cfg, grid)
-            a["cells"][i], a["kind"][i], a["noise_seed"][i] = (
-                d.numpy()[0] for d in (draw.cells, draw.kind, draw.noise_seed)
-            )
-        rows = (a["index"], a["donor"])
-        for view in range(views):
-            # mode="clip": writes straight into the batch (the rows are valid; "raise" would buffer a copy).
-            np.take(self.cache.images, rows[view], axis=0, out=a["pixels"][view, :, 0], mode="clip")
+        # Then each generator's corruption draws, the geometry of the whole batch at once.
+        draw = draw_corruption_each(rngs, self.corruption_cfg, grid)
+        a["cells"][:], a["kind"][:], a["noise_seed"][:] = draw.cells, draw.kind, draw.noise_seed
         batch: Sample = {}
-        for view, prefix in enumerate(("", "donor_")[:views]):
-            batch[f"{prefix}pixels"] = t["pixels"][view]
-            if self.augment_cfg is not None:
+        if self.augment_cfg is not None:
+            for view, prefix in enumerate(("", "donor_")[:views]):
                 batch[f"{prefix}theta"], batch[f"{prefix}intensity"] = t["theta"][view], t["intensity"][view]
         batch.update({key: t[key] for key in ("cells", "kind", "noise_seed", "index", "donor")})
         return batch
 
+    def gather_pixels(self, draws: Sample, empty: EmptyTensor | None = None) -> Sample:
+        """`draws` (of `deferred_draws`) with the cached pixels of their images and donors added.
+
+        "pixels" and "donor_pixels" are views of one (2, B, 1, S, S) uint16 tensor made by
+        `empty(shape, dtype)` (None: `torch.empty`; e.g. pinned memory for a copy to a CUDA device that
+        does not wait, or a reused buffer), filled by one gather per view from the cache's rows "index"
+        and "donor".
+        """
+        views = ("pixels", "donor_pixels")[: 2 if self.corruption_cfg.uses_donors else 1]
+        n, size = draws["index"].shape[0], self.cache.size
+        shape = (len(views), n, 1, size, size)
+        pixels = torch.empty(shape, dtype=torch.uint16) if empty is None else empty(shape, torch.uint16)
+        out = pixels.numpy()
+        for view, key in enumerate(("index", "donor")[: len(views)]):
+            # mode="clip": writes straight into `out` (the rows are valid; "raise" would buffer a copy).
+            np.take(self.cache.images, draws[key].numpy(), axis=0, out=out[view, :, 0], mode="clip")
+        return {**{key: pixels[view] for view, key in enumerate(views)}, **draws}
+
     def deferred_sample(self, k: int) -> Sample:
-        """Sample k as cached pixels plus every random draw (what the loader ships when `deferred`)."""
+        """Sample k as cached pixels plus every random draw (what `dataset[k]` is when `deferred`)."""
         return {key: value[0] for key, value in self.deferred_batch([k]).items()}
 
     def __getitem__(self, k: int) -> Sample:
@@ -323,14 +344,24 @@ class GMMLDataset(CachedDataset):
         return {key: value[0] for key, value in self.views(self.deferred_batch([k])).items()}
 
     def fetch_batch(self, ks: Sequence[int]) -> Sample:
-        """Samples `ks`, collated: `deferred_batch` when deferred, else the finished samples stacked.
+        """What a loader worker makes of samples `ks`; `complete_batch` of it is the collated batch.
+
+        Deferred: only the draws (`deferred_draws`, a few hundred bytes a sample); the training
+        process adds the pixels (`complete_batch`) from the cache it has open, where sending them from
+        the worker would put 256 KiB a sample (at 256 px) through fresh shared memory, whose page
+        faults cost more than the worker's own work. Not deferred: the finished samples, stacked.
 
         The engine's loaders fetch whole batches with it (see `sscxr.engine.sampler.build_loader`);
         a plain DataLoader over this dataset reads `dataset[k]` and gets the same batches.
         """
         if self.deferred:
-            return self.deferred_batch(ks, shared=True)
+            return self.deferred_draws(ks, shared=True)
         return default_collate([self[k] for k in ks])
+
+    def complete_batch(self, batch: Sample, empty: EmptyTensor | None = None) -> Sample:
+        """`fetch_batch`'s result as the collated batch, in the process that trains (see there); the
+        deferred batches' pixels go into `empty(shape, dtype)` (see `gather_pixels`)."""
+        return self.gather_pixels(batch, empty) if self.deferred else batch
 
 
 def _batch_tensors(
