@@ -616,3 +616,27 @@ def test_validation_loader_is_built_once_and_its_workers_persist(
         scores.append([r["metrics"] for r in read_metrics(tmp_path / f"w{workers}") if r["split"] == "val"])
     assert built == [False, True]  # one loader per run for its three validations; workers kept
     assert len(scores[0]) == 3 and scores[0] == scores[1]  # the same validation either way
+
+
+@pytest.mark.parametrize(
+    "bf16_s, bf16_steps, picks_bf16",
+    [(0.05, 3, True), (0.2, 3, False), (5.0, 1, False)],
+    ids=["bf16-faster", "bf16-slower", "bf16-hopeless"],
+)
+def test_the_precision_probe_stops_timing_a_hopeless_bf16(
+    bf16_s: float, bf16_steps: int, picks_bf16: bool
+) -> None:
+    # Without native bf16 kernels a ViT-S block step took 2 s against 87 ms in float32: the probe must
+    # not spend three of those at every command's start, yet must time a contender fully.
+    from sscxr.engine.distributed import BF16_MIN_SPEEDUP, _best_times
+
+    steps: list[torch.dtype | None] = []
+
+    def timed(dtype: torch.dtype | None) -> float:
+        steps.append(dtype)
+        return 0.1 if dtype is None else bf16_s
+
+    fp32, bf16 = _best_times(timed)
+    assert steps.count(None) == 3 and steps.count(torch.bfloat16) == bf16_steps
+    assert (fp32, bf16) == (0.1, bf16_s)
+    assert (fp32 >= BF16_MIN_SPEEDUP * bf16) is picks_bf16

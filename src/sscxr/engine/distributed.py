@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,7 +195,8 @@ def _cpu_has_native_bf16() -> bool:
 
     No fixed rule holds everywhere: on an Intel Xeon without AMX oneDNN's bf16 matmul ran at half the
     float32 speed, while on an AMD EPYC with AVX512-BF16 and no AMX bf16 matmuls ran 2.1-2.3x faster; with
-    AMX tiles bf16 inference of ViT-S/16 ran 2.1x faster (benchmarks/bench_inference.py).
+    AMX tiles bf16 inference of ViT-S/16 ran 2.1x faster (benchmarks/bench_inference.py); on an AMD EPYC
+    with AVX2 only (no AVX-512) a bf16 block step took 2.1-2.3 s against 83-156 ms in float32.
     """
     fp32, bf16 = cpu_precision_timings()
     return fp32 >= BF16_MIN_SPEEDUP * bf16
@@ -215,6 +215,24 @@ def cpu_precision_timings() -> tuple[float, float]:
         return _time_precisions()
 
 
+#: a bf16 warm-up step slower than this and than 10x float32's is not timed further (`_time_precisions`)
+_PROBE_HOPELESS_S = 1.0
+
+
+def _best_times(timed: Callable[[torch.dtype | None], float]) -> list[float]:
+    """[float32, bf16]: the best of 2 `timed(dtype)` steps after a warm-up one (kernel selection,
+    allocations), except for a hopeless bf16: one whose warm-up is slower than `_PROBE_HOPELESS_S` and
+    10x float32 (bf16 without native kernels; seen: 2 s against 87 ms on an AVX2-only CPU) is not timed
+    further, as no faster steady state follows and more steps would only delay every command's start."""
+    timings: list[float] = []
+    for dtype in (None, torch.bfloat16):
+        warm_up = timed(dtype)
+        if timings and warm_up > max(_PROBE_HOPELESS_S, 10 * timings[0]):
+            return [*timings, warm_up]
+        timings.append(min(timed(dtype) for _ in range(2)))
+    return timings
+
+
 def _time_precisions() -> tuple[float, float]:
     from timm.models.vision_transformer import Block
 
@@ -228,15 +246,12 @@ def _time_precisions() -> tuple[float, float]:
             y = block(x)
         y.float().square().mean().backward()
 
-    timings = []
-    for dtype in (None, torch.bfloat16):
-        step(dtype)  # warm-up: kernel selection, allocations
-        best = math.inf
-        for _ in range(2):
-            start = time.perf_counter()
-            step(dtype)
-            best = min(best, time.perf_counter() - start)
-        timings.append(best)
+    def timed(dtype: torch.dtype | None) -> float:
+        start = time.perf_counter()
+        step(dtype)
+        return time.perf_counter() - start
+
+    timings = _best_times(timed)
     block.zero_grad(set_to_none=True)
     log.info(
         "CPU precision: a ViT-S block's forward + backward takes %.1f ms in float32, %.1f ms in bf16: "
