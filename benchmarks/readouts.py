@@ -8,7 +8,8 @@ subsets (whole patients, `labelled_subset`), so the rows differ only in their fe
   probe's default for localized findings), `avg`, `max`, `avg+max`, `std`, or a 2 x 2 max;
   `--pca K` adds rows whose features are first reduced by a PCA fitted on every training image
   (no labels: a legitimate part of the representation);
-- `pixels`: the image area-downsampled to 32 x 32;
+- `pixels K`: the image area-downsampled to K x K (`--pixels 8,16,32,64`: which resolution is the
+  strongest raw-pixel reference, chosen on validation);
 - `lung stats`: seven numbers per image from the cache's lung mask (mean, SD, 95th and 99th percentile
   inside it, mean outside, two contrasts): what a read-out that knows where the lungs are can reach
   with this many labels. Only for caches with masks.
@@ -17,7 +18,7 @@ Prints one line per row: mean validation AUC-ROC, then each test split's mean te
 draws. Choose on the validation column.
 
     python benchmarks/readouts.py --cache runs/demo/data/cache --encoder runs/demo/pretrain/gmml \
-        --task healthy_vs_pathology --fraction 0.3 --tests test,test_site
+        --task pneumonia_vs_healthy --fraction 0.3 --tests test,test_site --pixels 8,16,32,64
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def patch_tokens(encoder: torch.nn.Module, cache: ImageCache, norm: Normalizatio
     return torch.cat(out)
 
 
-def poolings(tokens: torch.Tensor) -> dict[str, np.ndarray]:
-    """(N, T, D) tokens -> {pooling name: (N, F) features}."""
+def poolings(tokens: torch.Tensor, keep: list[str] | None = None) -> dict[str, np.ndarray]:
+    """(N, T, D) tokens -> {pooling name: (N, F) features}, only the `keep` ones when given."""
     b, n, d = tokens.shape
     g = round(n**0.5)
     grid = tokens.transpose(1, 2).reshape(b, d, g, g)
@@ -64,7 +65,7 @@ def poolings(tokens: torch.Tensor) -> dict[str, np.ndarray]:
         "std": tokens.std(1),
         "grid2 max": F.adaptive_max_pool2d(grid, min(2, g)).flatten(1),
     }
-    return {k: v.numpy() for k, v in feats.items()}
+    return {k: v.numpy() for k, v in feats.items() if keep is None or k in keep}
 
 
 def lung_stats(cache: ImageCache) -> np.ndarray:
@@ -89,7 +90,10 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--tests", default="test,test_site", help="test splits of the cache")
     p.add_argument("--pca", type=int, action="append", default=[], help="also rows after a PCA to K dims")
+    p.add_argument("--pixels", default="32", help="comma-separated sizes of the raw-pixel rows")
+    p.add_argument("--poolings", default=None, help="comma-separated encoder poolings (default: all)")
     args = p.parse_args()
+    keep = args.poolings.split(",") if args.poolings else None
 
     cache = ImageCache.open(args.cache)
     rows = cache.rows
@@ -97,14 +101,15 @@ def main() -> None:
     for spec in args.encoder:
         name, path = spec.split("=", 1)
         encoder, cfg, norm, _ = load_frozen_encoder(path, cache.size, Normalization(*cache.stats))
-        for kind, x in poolings(patch_tokens(encoder, cache, norm)).items():
+        for kind, x in poolings(patch_tokens(encoder, cache, norm), keep).items():
             features[f"{name} {kind}"] = x
     if args.encoder:
         torch.manual_seed(0)
-        for kind, x in poolings(patch_tokens(build_vit(cfg), cache, norm)).items():
+        for kind, x in poolings(patch_tokens(build_vit(cfg), cache, norm), keep).items():
             features[f"random {kind}"] = x
     pixels = _read(cache, np.arange(len(rows)), cache.size)
-    features["pixels 32"] = F.interpolate(pixels, size=32, mode="area").flatten(1).numpy()
+    for k in (int(v) for v in args.pixels.split(",")):
+        features[f"pixels {k}"] = F.interpolate(pixels, size=k, mode="area").flatten(1).numpy()
     if cache.has_masks and cache.mask_available[cache.indices()].all():
         features["lung stats"] = lung_stats(cache)
 

@@ -20,15 +20,15 @@ def test_demo_runs_every_stage(tmp_path: Path, one_thread: None) -> None:
         "--n-boot", "20", "--labelled-fraction", "0.5",
     ]  # fmt: skip
     assert main(args) == 0
-    ft = out / "finetune" / "healthy_vs_pathology"
+    ft = out / "finetune" / "pneumonia_vs_healthy"
     for name in (
         "data/cohort/contact_sheet.png",
         "data/cache/index.json",
         "pretrain/gmml/encoder.safetensors",
         "pretrain/gmml/recon/epoch_001.png",
-        "probe/healthy_vs_pathology/probe.json",
-        "finetune/healthy_vs_pathology/scratch-finetune/f0.5/s1/model.json",
-        "finetune/healthy_vs_pathology/SS-CXR-lp_ft/f0.5/s1/model.json",
+        "probe/pneumonia_vs_healthy/probe.json",
+        "finetune/pneumonia_vs_healthy/scratch-finetune/f0.5/s1/model.json",
+        "finetune/pneumonia_vs_healthy/SS-CXR-lp_ft/f0.5/s1/model.json",
         "report.html",
         "results.json",
         "report_segmentation/report.html",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,13 @@ def test_synth_writes_manifest_and_contact_sheet(tmp_path: Path) -> None:
     first = (out / "manifest.csv").read_bytes()
     assert main(args) == 0  # same config: nothing regenerated
     assert (out / "manifest.csv").read_bytes() == first
+    record = json.loads((out / "synth_config.json").read_text())
+    assert record["config"]["acquisition_jitter"] == 1.0 and record["generator_version"] == 2
+    # another acquisition jitter is another cohort: refused without --force, then recorded
+    assert main([*args, "--acquisition-jitter", "0.333"]) == 2
+    assert main([*args, "--acquisition-jitter", "0.333", "--force"]) == 0
+    assert json.loads((out / "synth_config.json").read_text())["config"]["acquisition_jitter"] == 0.333
+    assert main([*args, "--acquisition-jitter", "5", "--force"]) == 2
 
 
 def test_prepare_verify_and_repair_a_damaged_cache(

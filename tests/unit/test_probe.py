@@ -148,7 +148,9 @@ def _blobs(n: int, seed: int, shift: float = 0.8) -> tuple[np.ndarray, np.ndarra
 
 
 def _sklearn_pipeline(c: float) -> Any:
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=5000))
+    return make_pipeline(
+        StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=5000, tol=1e-6)
+    )
 
 
 def test_linear_probe_chooses_c_on_validation_and_matches_sklearn() -> None:
@@ -170,6 +172,40 @@ def test_linear_probe_chooses_c_on_validation_and_matches_sklearn() -> None:
     # The scaler saw the training rows only.
     np.testing.assert_allclose(probe.scaler.mean_, x_train.mean(axis=0))
     assert not np.allclose(probe.scaler.mean_, np.concatenate([x_train, x_val]).mean(axis=0))
+
+
+def _penalised_loss(probe: P.LinearProbe, x: np.ndarray, y: np.ndarray) -> float:
+    """The objective the probe minimises at its C: C x class-balanced log-loss sum + |W|^2 / 2."""
+    z = probe.scaler.transform(x)
+    logits = z @ probe.weights.T + probe.model.intercept_
+    if logits.shape[1] == 1:  # binary: one weight vector for class 1
+        logits = np.concatenate([np.zeros_like(logits), logits], axis=1)
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    w = len(y) / (logits.shape[1] * np.bincount(y))
+    return float(probe.C * -(w[y] * logp[np.arange(len(y)), y]).sum() + 0.5 * (probe.weights**2).sum())
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_linear_probe_with_more_features_than_rows_reaches_the_full_space_optimum(classes: int) -> None:
+    """Grid features (F = 3,072) on a few hundred labels: the probe fits in the span of the training rows.
+    That is the same problem (the optimum lies in that span), so it must reach the optimum of the
+    regression over all F features, which a tightly converged sklearn fit in F dimensions finds."""
+    rng = np.random.default_rng(classes)
+    n, f = 40, 300
+    y = np.arange(n) % classes
+    x = rng.normal(size=(n, f)) + 0.6 * y[:, None] * (np.arange(f) < 20)
+    x_val = rng.normal(size=(30, f)) + 0.6 * (np.arange(30) % classes)[:, None] * (np.arange(f) < 20)
+    for c in (0.01, 1.0, 100.0):  # separable at large C: where lbfgs over all F features stops short
+        probe = P.fit_linear_probe(x, y, x_val, np.arange(30) % classes, (c,))
+        # the standardised rows are centred: they span n - 1 dimensions
+        assert probe.basis is not None and probe.basis.shape == (f, n - 1)
+        full = LogisticRegression(C=c, class_weight="balanced", tol=1e-12, max_iter=100_000)
+        full.fit(probe.scaler.transform(x), y)
+        exact = P.LinearProbe(probe.scaler, full, c, {}, 0.0)
+        assert _penalised_loss(probe, x, y) == pytest.approx(_penalised_loss(exact, x, y), rel=1e-4)
+        np.testing.assert_allclose(probe.predict_proba(x_val), exact.predict_proba(x_val), atol=0.02)
+    # Fewer features than rows: fitted on the features themselves.
+    assert P.fit_linear_probe(x[:, :10], y, x_val[:, :10], np.arange(30) % classes).basis is None
 
 
 # ------------------------------------------------------------------------------------------ features

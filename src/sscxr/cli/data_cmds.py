@@ -30,7 +30,13 @@ def _synth(args: argparse.Namespace) -> int:
     from sscxr.viz.contact_sheet import cohort_contact_sheet
 
     try:
-        cfg = SynthConfig(n_adult=args.n_adult, n_pediatric=args.n_pediatric, size=args.size, seed=args.seed)
+        cfg = SynthConfig(
+            n_adult=args.n_adult,
+            n_pediatric=args.n_pediatric,
+            size=args.size,
+            seed=args.seed,
+            acquisition_jitter=args.acquisition_jitter,
+        )
     except ValueError as e:
         raise ConfigError(f"sscxr synth: {e}") from None
 
@@ -196,6 +202,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--n-pediatric", type=int, default=90)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--acquisition-jitter",
+        type=float,
+        default=1.0,
+        help="how much a site's images vary in exposure, tone curve and window: 1 = as much as real "
+        "single-hospital sets (the default), 0.333 = generator version 1's phantoms, 0 = not at all",
+    )
     p.add_argument("--workers", type=int_at_least(0), default=None)
     p.add_argument("--force", action="store_true", help="overwrite a cohort made with another config")
     p.set_defaults(func=_synth)

@@ -65,8 +65,10 @@ def demo_study(args: argparse.Namespace) -> dict[str, Any]:
     from sscxr.study.spec import resolve_study_path
 
     study = load_yaml(resolve_study_path("demo").read_text())
-    study["data"]["synth"] = {"n_adult": args.n_adult, "n_pediatric": args.n_pediatric,
-                              "size": args.synth_size, "seed": args.seed}  # fmt: skip
+    # options left unset keep the study's values (studies/demo.yaml is the one place they are set)
+    synth = study["data"]["synth"]
+    given = {"n_adult": args.n_adult, "n_pediatric": args.n_pediatric, "size": args.synth_size}
+    synth.update({k: v for k, v in given.items() if v is not None}, seed=args.seed)
     study["data"]["size"] = args.size
     gmml = study["pretrain"]["gmml"]
     gmml["config"] = args.config
@@ -76,8 +78,10 @@ def demo_study(args: argparse.Namespace) -> dict[str, Any]:
     if args.min_steps is not None:
         extra.append(f"train.min_steps={args.min_steps}")
     ft["overrides"] = [*ft.get("overrides", []), *extra]
-    study["tasks"] = [args.task]
-    study["fractions"] = [args.labelled_fraction]
+    if args.task is not None:
+        study["tasks"] = [args.task]
+    if args.labelled_fraction is not None:
+        study["fractions"] = [args.labelled_fraction]
     if args.seeds is not None:
         study["seeds"] = list(range(args.seeds))
     study["n_boot"] = args.n_boot
@@ -133,9 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("-c", "--config", default="tiny", help="pre-training config (default: tiny)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for pre-training")
-    p.add_argument("--n-adult", type=int, default=600)
-    p.add_argument("--n-pediatric", type=int, default=90)
-    p.add_argument("--synth-size", type=int, default=256, help="size of the generated PNGs")
+    p.add_argument("--n-adult", type=int, default=None, help="adult images (default: the study's)")
+    p.add_argument("--n-pediatric", type=int, default=None, help="pediatric images (default: the study's)")
+    p.add_argument("--synth-size", type=int, default=None, help="size of the generated PNGs (default: 256)")
     p.add_argument("--size", type=int, default=128, help="cache/model image size")
     p.add_argument(
         "--epochs",
@@ -152,8 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--seeds", type=int_at_least(1), default=None, help="labelled-subset draws (default: the study's 5)"
     )
-    p.add_argument("--task", default="healthy_vs_pathology", help="classification task")
-    p.add_argument("--labelled-fraction", type=float, default=0.3, help="share of training patients labelled")
+    p.add_argument("--task", default=None, help="classification task (default: pneumonia_vs_healthy)")
+    p.add_argument("--labelled-fraction", type=float, default=None, help="labelled share (default 0.3)")
     p.add_argument(
         "--n-boot", type=int_at_least(0), default=500, help="bootstrap resamples for the intervals"
     )

@@ -79,6 +79,7 @@ __all__ = [
     "pixel_source",
     "random_source",
     "report_markdown",
+    "row_span_basis",
     "run_probe",
     "small_validation_flag",
     "validation_auc",
@@ -88,12 +89,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "sscxr-probe"
-FORMAT_VERSION = 2  # 2: each row carries its operating-point flags (cells of version 1 are recomputed)
+# 2: each row carries its operating-point flags; 3: linear probes fitted in the span of the training rows
+# (`row_span_basis`: the exact optimum, which lbfgs over all features had stopped short of at large C).
+# Cells of an earlier version are recomputed.
+FORMAT_VERSION = 3
 FEATURE_KINDS = ("avg4", "avg", "cls", "grid4")
 C_GRID: tuple[float, ...] = tuple(float(c) for c in 10.0 ** np.arange(-4, 2.01, 0.5))
 KNN_KS = (1, 3, 5, 10, 20, 50)
 RANDOM_SEED = 0  # the random encoder's initialisation seed (recorded in probe.json)
 MIN_VALIDATION = 20  # below this many images / patients in a class, validation choices are noisy
+_TOL = 1e-6  # lbfgs tolerance of the linear probe: near the optimum even at large C (sklearn's is 1e-4)
 _MAX = 65535.0
 # Reference rows first: every report must show what the pixels and a random encoder already reach.
 _ORDER = {"pixels": 0, "random": 1}
@@ -327,17 +332,46 @@ def validation_auc(y: np.ndarray, probs: np.ndarray) -> float:
 
 @dataclass
 class LinearProbe:
-    """A fitted linear probe: the training rows' scaler, the logistic regression of the chosen C."""
+    """A fitted linear probe: the training rows' scaler, the basis of their span the regression was
+    fitted in (None: the features themselves), the logistic regression of the chosen C."""
 
     scaler: StandardScaler
     model: LogisticRegression
     C: float
     grid: dict[float, float]  # C -> validation AUC-ROC
     val_auc: float
+    basis: np.ndarray | None = None  # (F, R) orthonormal columns
+
+    def _inputs(self, x: np.ndarray) -> np.ndarray:
+        z = self.scaler.transform(x)
+        return z if self.basis is None else z @ self.basis
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """(N, F) features -> (N, C) probabilities."""
-        return self.model.predict_proba(self.scaler.transform(x))
+        return self.model.predict_proba(self._inputs(x))
+
+    @property
+    def weights(self) -> np.ndarray:
+        """(C', F) weights of the standardised features (C' = 1 for two classes), whatever the basis."""
+        coef = self.model.coef_
+        return coef if self.basis is None else coef @ self.basis.T
+
+
+def row_span_basis(x: np.ndarray) -> np.ndarray | None:
+    """An orthonormal basis (F, R) of the span of the rows of x (N, F), or None when F <= N.
+
+    An L2-penalised logistic regression's optimal weights are a combination of the training rows (its
+    gradient is), so fitting it on the rows' R <= N coordinates in this basis is an exact
+    reparametrisation: the same optimum, reached in a fraction of the time when F >> N (grid features:
+    3,072 against a few hundred labelled images), and reached more closely, since lbfgs in all F
+    dimensions stops early at large C.
+    """
+    n, f = x.shape
+    if f <= n:
+        return None
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    rank = int((s > s[0] * max(n, f) * np.finfo(x.dtype).eps).sum()) if s.size and s[0] > 0 else 0
+    return vt[: max(rank, 1)].T
 
 
 def fit_linear_probe(
@@ -351,17 +385,22 @@ def fit_linear_probe(
     """StandardScaler (fitted on the training rows only) + LogisticRegression(lbfgs, balanced classes).
 
     Each C of `c_grid` is fitted on the training rows and scored by validation AUC-ROC; the best C
-    (ties: the smaller) is kept. Arrays: x (N, F), y (N,) class indices; every class in y_train.
+    (ties: the smaller) is kept. With more features than training rows the regression is fitted in the
+    span of the rows (`row_span_basis`): the same optimum, faster. Arrays: x (N, F), y (N,) class
+    indices; every class in y_train.
     """
     present = np.unique(y_train)
     if not np.array_equal(present, np.arange(len(present))) or len(present) < 2:
         raise ValueError(f"y_train must hold every class 0..C-1 (C >= 2), got classes {present.tolist()}")
     scaler = StandardScaler().fit(x_train)
     xt, xv = scaler.transform(x_train), scaler.transform(x_val)
+    basis = row_span_basis(xt)
+    if basis is not None:
+        xt, xv = xt @ basis, xv @ basis
     best: tuple[float, float, LogisticRegression] | None = None
     grid: dict[float, float] = {}
     for c in sorted(c_grid):
-        model = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, class_weight="balanced")
+        model = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, tol=_TOL, class_weight="balanced")
         with warnings.catch_warnings():
             # Large C on separable features may stop at max_iter; that C then simply scores what it scores.
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -371,7 +410,7 @@ def fit_linear_probe(
             best = (c, grid[c], model)
     if best is None:
         raise ConfigError("the C grid of the linear probe is empty")
-    return LinearProbe(scaler, best[2], best[0], grid, best[1])
+    return LinearProbe(scaler, best[2], best[0], grid, best[1], basis)
 
 
 def knn_scores(

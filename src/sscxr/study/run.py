@@ -101,7 +101,8 @@ def _data_steps(spec: StudySpec, layout: Layout) -> list[Step]:
         cohort, s = layout.data / "cohort", d.synth
         manifest = cohort / "manifest.csv"
         argv = ("synth", "--out", str(cohort), "--n-adult", str(s.n_adult), "--n-pediatric",
-                str(s.n_pediatric), "--size", str(s.size), "--seed", str(s.seed))  # fmt: skip
+                str(s.n_pediatric), "--size", str(s.size), "--seed", str(s.seed),
+                "--acquisition-jitter", str(s.acquisition_jitter))  # fmt: skip
         steps.append(Step("data: synthetic cohort", argv, cohort / "contact_sheet.png"))
     cache = layout.data / "cache"
     argv = ("prepare", str(manifest), "--out", str(cache), "--size", str(d.size))

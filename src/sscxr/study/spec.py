@@ -63,6 +63,7 @@ class SynthSpec:
     n_pediatric: int = 90
     size: int = 256
     seed: int = 0
+    acquisition_jitter: float = 1.0
 
 
 @dataclass

@@ -6,7 +6,8 @@ Three modules, one step each:
 - `phantom`: anatomy (lungs, heart, ribs, clavicles, spine, vessels) and disease (pneumonia,
   covid-19) drawn as attenuation maps in a body frame, with the lung-field mask;
 - `acquisition`: how each site acquires an image (`SiteStyle`: exposure, tone curve, noise, blur,
-  collimation, burned-in markers), `acquire` turning an attenuation map into a processed radiograph;
+  collimation, burned-in markers), `acquire` turning an attenuation map into a processed radiograph
+  with a per-image variation calibrated on real single-hospital sets (`intensity_profile` measures it);
 - `cohort`: plans the cohort (sites, classes, patients, follow-ups, splits) from a `SynthConfig`,
   renders each image through the two modules above and writes images, masks, `manifest.csv` and
   `synth_config.json` (the config and `GENERATOR_VERSION`, bumped when the pictures change).
@@ -17,7 +18,14 @@ other folder with a manifest. The names below are the ones callers use; the rest
 
 from __future__ import annotations
 
-from sscxr.synthetic.acquisition import PEDIATRIC_SITE, SITE_STYLES, SiteStyle, acquire, site_style
+from sscxr.synthetic.acquisition import (
+    PEDIATRIC_SITE,
+    SITE_STYLES,
+    SiteStyle,
+    acquire,
+    intensity_profile,
+    site_style,
+)
 from sscxr.synthetic.cohort import (
     GENERATOR_VERSION,
     ImageJob,
@@ -52,6 +60,7 @@ __all__ = [
     "SynthConfig",
     "acquire",
     "generate_cohort",
+    "intensity_profile",
     "pathology_map",
     "plan_cohort",
     "read_png",

@@ -18,6 +18,18 @@ from scipy import ndimage
 
 PEDIATRIC_SITE = "pediatric"  # the pediatric cohort's site: a style of its own, never a user site name
 
+# How much one site's images vary from one acquisition to the next (patient size, exposure, processing):
+# the exposure is drawn within +-30% of the site's, the tone curve's parameter within +-21% and the
+# window's black and white levels with an SD of 0.03. Calibrated on two real single-hospital sets
+# (Kermany's pediatric images, the Shenzhen sample): there, the SD between images of the mean
+# intensity is 0.051-0.061 and of the chest's median 0.061-0.064; these ranges give the phantoms
+# 0.04-0.06 and 0.05-0.07 (docs/data.md; `benchmarks/phantom_realism.py` measures both). Generator
+# version 1 drew a third of these ranges (`acquire(..., jitter=1/3)`), and its phantoms varied about
+# half as much as real images.
+EXPOSURE_JITTER = 0.3
+CURVE_JITTER = 0.21
+WINDOW_JITTER = 0.03
+
 
 @dataclass(frozen=True)
 class SiteStyle:
@@ -85,6 +97,23 @@ def site_style(name: str) -> SiteStyle:
     )
 
 
+def intensity_profile(image: np.ndarray) -> np.ndarray:
+    """Five grey-level statistics of one radiograph, to compare how much images vary within a site.
+
+    Args:
+        image: `(H, W)` intensities in [0, 1], bright = dense.
+
+    Returns:
+        `(5,)` float64: the image's mean and SD, then the 5th, 50th and 95th percentiles of its central
+        chest (rows 20-80%, columns 12.5-87.5%). The acquisition jitter was calibrated by matching the
+        SD of these between the images of one site to real single-hospital sets
+        (`benchmarks/phantom_realism.py`).
+    """
+    h, w = image.shape
+    chest = image[h // 5 : 4 * h // 5, w // 8 : 7 * w // 8]
+    return np.array([image.mean(), image.std(), *np.percentile(chest, [5, 50, 95])], dtype=np.float64)
+
+
 # 5 x 7 bitmaps of the side-marker letters
 _GLYPHS = {
     "L": ["10000", "10000", "10000", "10000", "10000", "10000", "11111"],
@@ -92,9 +121,9 @@ _GLYPHS = {
 }
 
 
-def _tone(x: np.ndarray, style: SiteStyle, jitter: float) -> np.ndarray:
-    """The site's tone curve, mapping [0, 1] onto [0, 1] monotonically."""
-    p = style.curve_param * jitter
+def _tone(x: np.ndarray, style: SiteStyle, factor: float) -> np.ndarray:
+    """The site's tone curve (its parameter times `factor`), mapping [0, 1] onto [0, 1] monotonically."""
+    p = style.curve_param * factor
     if style.curve == "gamma":
         return np.clip(x, 0.0, 1.0) ** p
     lo, hi = 1.0 / (1.0 + math.exp(p * 0.5)), 1.0 / (1.0 + math.exp(-p * 0.5))
@@ -154,20 +183,22 @@ def _markers(img: np.ndarray, style: SiteStyle, rng: np.random.Generator) -> Non
             x += length + max(1, bar_h)
 
 
-def acquire(atten: np.ndarray, style: SiteStyle, rng: np.random.Generator) -> np.ndarray:
+def acquire(atten: np.ndarray, style: SiteStyle, rng: np.random.Generator, jitter: float = 1.0) -> np.ndarray:
     """Turn an attenuation map into a site's processed radiograph.
 
     Args:
         atten: `(S, S)` attenuation (phantom units).
         style: the site's acquisition.
         rng: per-image randomness (exposure and curve jitter, noise, collimation, markers).
+        jitter: scale of the per-image variation of exposure, tone curve and window around the site's
+            (1: `EXPOSURE_JITTER`, `CURVE_JITTER`, `WINDOW_JITTER`, calibrated on real sites; 0: none).
 
     Returns:
         `(S, S)` float32 in [0, 1], bright = dense.
     """
     s = atten.shape[0]
     px = s / 256.0  # blur widths are specified at 256 px so the look does not depend on the size
-    mu = style.exposure * rng.uniform(0.9, 1.1)
+    mu = style.exposure * (1.0 + EXPOSURE_JITTER * jitter * rng.uniform(-1.0, 1.0))
     # detector response saturates in dense regions, which tames bone contrast over the abdomen
     x = (1.0 - np.exp(-mu * atten)) / (1.0 - math.exp(-mu * 1.4))
     noise = rng.standard_normal(atten.shape).astype(np.float32)
@@ -175,8 +206,9 @@ def acquire(atten: np.ndarray, style: SiteStyle, rng: np.random.Generator) -> np
     x = ndimage.gaussian_filter(x, style.blur * px)
     if style.sharpen > 0:
         x = x + style.sharpen * (x - ndimage.gaussian_filter(x, 6.0 * px))
-    x = _tone(np.clip(x, 0.0, 1.0), style, rng.uniform(0.93, 1.07))
-    lo, hi = style.window[0] + rng.normal(0, 0.01), style.window[1] + rng.normal(0, 0.01)
+    x = _tone(np.clip(x, 0.0, 1.0), style, 1.0 + CURVE_JITTER * jitter * rng.uniform(-1.0, 1.0))
+    sd = WINDOW_JITTER * jitter
+    lo, hi = style.window[0] + rng.normal(0, sd), style.window[1] + rng.normal(0, sd)
     x = lo + (hi - lo) * x
     x = _collimate(x, style, rng)
     _markers(x, style, rng)
