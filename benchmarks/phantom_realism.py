@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sscxr.data.io import is_image_file, read_xray
+from sscxr.data.importers.common import _scan_images
+from sscxr.data.io import read_xray
 from sscxr.synthetic.acquisition import intensity_profile
 
 STATS = ("mean", "sd", "chest p5", "chest p50", "chest p95")
@@ -35,8 +36,8 @@ def group_stats(paths: list[Path], limit: int, seed: int = 0) -> tuple[int, np.n
 
 
 def _real_images(root: Path) -> list[Path]:
-    """Image files under `root`, masks left out."""
-    return sorted(p for p in root.rglob("*") if is_image_file(p) and "mask" not in str(p).lower())
+    """Image files under `root` as the importers find them (hidden files skipped), masks left out."""
+    return [p for p in _scan_images(root) if "mask" not in p.relative_to(root).as_posix().lower()]
 
 
 def _cohort_sites(cohort: Path, label: str | None) -> dict[str, list[Path]]:

@@ -21,9 +21,9 @@ PEDIATRIC_SITE = "pediatric"  # the pediatric cohort's site: a style of its own,
 # How much one site's images vary from one acquisition to the next (patient size, exposure, processing):
 # the exposure is drawn within +-30% of the site's, the tone curve's parameter within +-21% and the
 # window's black and white levels with an SD of 0.03. Calibrated on two real single-hospital sets
-# (Kermany's pediatric images, the Shenzhen sample): there, the SD between images of the mean
-# intensity is 0.051-0.061 and of the chest's median 0.061-0.064; these ranges give the phantoms
-# 0.04-0.06 and 0.05-0.07 (docs/data.md; `benchmarks/phantom_realism.py` measures both). Generator
+# (Kermany's pediatric images, the Shenzhen sample): there, the SD between healthy images of the mean
+# intensity is 0.052-0.062 and of the chest's median 0.062-0.066; these ranges give the phantoms
+# 0.042-0.047 and 0.054-0.066 (docs/data.md; `benchmarks/phantom_realism.py` measures both). Generator
 # version 1 drew a third of these ranges (`acquire(..., jitter=1/3)`), and its phantoms varied about
 # half as much as real images.
 EXPOSURE_JITTER = 0.3
